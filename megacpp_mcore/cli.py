@@ -1,0 +1,96 @@
+"""The ``megacpp`` command line.
+
+Each subcommand is a thin shell over one module; bad input (any MegacppError) prints the
+error on stderr and exits with status 2, like argparse does for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from megacpp_mcore import __version__
+from megacpp_mcore.errors import MegacppError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------- pattern
+
+
+def _cmd_pattern(args: argparse.Namespace) -> int:
+    from megacpp_mcore.layout import resolve
+
+    layout = resolve(args.pattern, args.depth)
+    if args.json:
+        print(json.dumps(layout.to_json(), indent=2))
+        return 0
+    print(f"pattern {layout.canonical}  ({layout.depth} layers, {len(layout.stages)} stage(s))")
+    print(f"{'layer':>5}  letter  {'family':<15} stage")
+    for layer in layout.layers:
+        print(f"{layer.number:>5}  {layer.letter:^6}  {layer.family:<15} {layer.stage}")
+    for layer in layout.mtp_layers:
+        print(
+            f"{'mtp' + str(layer.mtp_part):>5}  {layer.letter:^6}  {layer.family:<15} {layer.stage}"
+        )
+    counts = ", ".join(f"{n} {letter}" for letter, n in layout.counts.items() if n)
+    print(f"counts: {counts}")
+    print("stages: " + " | ".join(f"{s} ({len(s)})" for s in layout.stages))
+    if layout.mtp:
+        print(f"mtp: {layout.mtp_depth} depth(s) of {layout.mtp[0]}")
+    return 0
+
+
+def _add_pattern(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pattern",
+        help="parse, validate and show a layer pattern or a named family",
+        description="Expand a hybrid layer pattern (e.g. AEMEAEMEAEMR) or a named family from "
+        "patterns/ (e.g. nam56r) to its depth and show every layer, the counts per block "
+        "family and the pipeline-stage split. Invalid patterns exit with status 2.",
+    )
+    p.add_argument("pattern", help="a pattern such as 'AEMEAEMEAEMR' or a family name (nam56r)")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="number of main-decoder layers to tile to (default: the family's, "
+        "or the pattern's own length)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    p.set_defaults(handler=_cmd_pattern)
+
+
+# --------------------------------------------------------------------------- entry point
+
+#: every subcommand registers itself here; later modules add their own.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_pattern]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megacpp",
+        description="megacpp-mcore: build, translate and train hybrid attention / Mamba / MoE / "
+        "recurrent language models with Megatron-Core.",
+    )
+    parser.add_argument("--version", action="version", version=f"megacpp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args) or 0
+    except MegacppError as err:
+        print(f"megacpp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
