@@ -1,0 +1,80 @@
+"""Size rules a model must satisfy for its layout and parallel split (pure Python).
+
+One list of rules, used by the model builder (which refuses to build) and by recipe
+validation (which refuses to load), so the two never disagree. Only the families the layout
+uses are checked. Each problem names the fields in conflict.
+"""
+
+from __future__ import annotations
+
+from megacpp_mcore.config import ModelConfig, ParallelConfig
+from megacpp_mcore.layout import Layout
+
+
+def _divides(problems: list[str], value: int, value_name: str, by: int, by_name: str) -> None:
+    if by > 0 and value % by:
+        problems.append(f"{value_name} ({value}) must be divisible by {by_name} ({by})")
+
+
+def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) -> list[str]:
+    """Every size rule ``model`` breaks for ``layout`` under ``parallel``; empty if none."""
+    problems: list[str] = []
+    tp, tp_name = parallel.tensor, "parallel.tensor"
+    positive = {
+        "model.hidden_size": model.hidden_size,
+        "model.vocab_size": model.vocab_size,
+        "model.seq_length": model.seq_length,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            problems.append(f"{name} must be positive, got {value}")
+    if problems:
+        return problems
+
+    if layout.has("A"):
+        heads, groups = model.num_attention_heads, model.query_groups
+        if model.kv_channels is None:
+            _divides(problems, model.hidden_size, "model.hidden_size", heads,
+                     "model.num_attention_heads (set model.kv_channels to decouple)")
+        _divides(problems, heads, "model.num_attention_heads", groups, "model.num_query_groups")
+        _divides(problems, heads, "model.num_attention_heads", tp, tp_name)
+        _divides(problems, groups, "model.num_query_groups", tp, tp_name)
+    if layout.has("F"):
+        _divides(problems, model.ffn_hidden_size, "model.ffn_hidden_size", tp, tp_name)
+    if layout.has("E"):
+        moe = model.moe
+        if not 1 <= moe.top_k <= moe.num_experts:
+            problems.append(f"model.moe.top_k ({moe.top_k}) must be between 1 and "
+                            f"model.moe.num_experts ({moe.num_experts})")
+        _divides(problems, moe.num_experts, "model.moe.num_experts", parallel.expert,
+                 "parallel.expert")
+        _divides(problems, moe.ffn_hidden_size, "model.moe.ffn_hidden_size", tp, tp_name)
+        if tp > 1 and not parallel.sequence_parallel:
+            problems.append("MoE layers with parallel.tensor > 1 need parallel.sequence_parallel "
+                            "(Megatron's rule)")
+    if layout.has("M"):
+        mamba, heads = model.mamba, model.mamba_heads
+        if model.mamba.num_heads is None:
+            _divides(problems, 2 * model.hidden_size, "2 * model.hidden_size", mamba.head_dim,
+                     "model.mamba.head_dim (or set model.mamba.num_heads)")
+        _divides(problems, heads, "Mamba heads (model.mamba.num_heads)", mamba.num_groups,
+                 "model.mamba.num_groups")
+        _divides(problems, heads, "Mamba heads (model.mamba.num_heads)", tp, tp_name)
+        _divides(problems, mamba.num_groups, "model.mamba.num_groups", tp, tp_name)
+    if layout.has("R"):
+        _divides(problems, model.recurrent.num_heads, "model.recurrent.num_heads", tp, tp_name)
+    if layout.has("G"):
+        gdn = model.gdn
+        _divides(problems, gdn.num_value_heads, "model.gdn.num_value_heads", gdn.num_key_heads,
+                 "model.gdn.num_key_heads")
+        _divides(problems, gdn.num_key_heads, "model.gdn.num_key_heads", tp, tp_name)
+        _divides(problems, gdn.num_value_heads, "model.gdn.num_value_heads", tp, tp_name)
+    if parallel.sequence_parallel:
+        if tp == 1:
+            problems.append("parallel.sequence_parallel needs parallel.tensor > 1")
+        _divides(problems, model.seq_length, "model.seq_length", tp,
+                 "parallel.tensor (sequence parallel splits the sequence)")
+    if parallel.context > 1:
+        _divides(problems, model.seq_length, "model.seq_length", 2 * parallel.context,
+                 "2 * parallel.context")
+    return problems
