@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from megacpp_mcore import __version__
+from megacpp_mcore.data import add_data_subcommand
 from megacpp_mcore.errors import MegacppError
+from megacpp_mcore.receipt import add_receipt_subcommand
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -66,7 +68,11 @@ def _add_pattern(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- entry point
 
 #: every subcommand registers itself here; later modules add their own.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_pattern]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_pattern,
+    add_data_subcommand,
+    add_receipt_subcommand,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
