@@ -15,6 +15,8 @@ from megacpp_mcore import __version__
 from megacpp_mcore.data import add_data_subcommand
 from megacpp_mcore.errors import MegacppError
 from megacpp_mcore.receipt import add_receipt_subcommand
+from megacpp_mcore.recipe import add_recipe_subcommand
+from megacpp_mcore.translate import add_translate_subcommand
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -72,6 +74,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pattern,
     add_data_subcommand,
     add_receipt_subcommand,
+    add_recipe_subcommand, add_translate_subcommand,
 ]
 
 

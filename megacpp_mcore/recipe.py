@@ -1,0 +1,902 @@
+"""Recipes: typed, validated training settings, loaded from ``recipes/*.yaml``.
+
+A recipe is one YAML mapping whose keys are the fields of :class:`Recipe`: the layer
+``pattern`` (a literal or a family from ``patterns/``), its ``depth``, ``mtp_depths``,
+``backend``, ``r_lowering``, and one section per settings dataclass of
+:mod:`megacpp_mcore.config` (``model``, ``precision``, ``parallel``, ``training``, ``data``,
+``logging``). Loading is strict, and every rejection is a :class:`RecipeError` that names the
+file, the key path (``model.moe.top_k``), what was wrong and what is accepted:
+
+* unknown sections and keys are errors (never silently ignored), and so are duplicate keys;
+* types are exact: ``true`` is not an integer, ``1`` is not a boolean, an integer is accepted
+  where a number (float) is expected; literals accept only their listed values. Numbers in
+  exponent form without a dot (``3e-4``) are read as numbers (YAML 1.2), not as strings;
+* impossible values (non-positive sizes, dropouts outside [0, 1), ...) are refused;
+* cross-field rules (sizes vs the layout and the parallel split, pipeline stages, precision,
+  batch sizes, data) are checked after the whole recipe is resolved, only for the block
+  families the layout uses (see :func:`recipe_problems`).
+
+``base: other.yaml`` (relative to the recipe's folder) deep-merges the recipe over another
+one (chains are allowed, cycles are errors); command-line overrides (``--set
+model.hidden_size=2048``, values read as YAML scalars) are applied last, with the same checks.
+Every field is documented once, in its dataclass's docstring ``Attributes`` list;
+``megacpp recipe describe`` prints them from there. Pure Python: nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache, cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megacpp_mcore.config import (
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainingConfig,
+)
+from megacpp_mcore.errors import PatternError, RecipeError
+from megacpp_mcore.layout import FAMILIES, Layout, known_families, parse_pattern, resolve
+from megacpp_mcore.paths import RECIPES_DIR, REPO_ROOT
+from megacpp_mcore.receipt import content_hash
+from megacpp_mcore.sizes import size_problems
+
+BACKENDS = ("auto", "te", "local")
+#: letters an R layer may be lowered to for the native target (every stock Megatron family).
+R_LOWERINGS = ("M", "A", "F", "E", "G")
+#: the key that names a base recipe; consumed while loading, never a Recipe field.
+BASE_KEY = "base"
+#: smallest vocabulary of the byte tokenizer: 256 byte values + end-of-document
+#: (megacpp_mcore.data.VOCAB_SIZE; kept here so recipes stay import-light).
+BYTE_VOCAB_SIZE = 257
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe: the layout, the model, and how it is trained.
+
+    Attributes:
+        name: the recipe's name: its file name without .yaml (not a key in the file).
+        description: free text shown by ``megacpp recipe show``.
+        pattern: a pattern family from patterns/ (e.g. nam56r) or a literal pattern such as
+            AEMEAEMEAEMR; '|' splits pipeline stages, '/' starts multi-token-prediction parts.
+        depth: main-decoder layers to tile the pattern to; null means the family's depth, or
+            the literal pattern's own length.
+        mtp_depths: number of multi-token-prediction depths. The MTP layers themselves come
+            from the pattern's '/' parts (PATTERN/MTP/MTP: one identical part per depth), so
+            mtp_depths must equal the number of '/' parts: 0 for a pattern without '/'. It is
+            a declared count that the pattern is checked against, never a way to add MTP
+            layers the pattern does not spell out.
+        backend: auto (Transformer Engine where it is usable, else local), te (Transformer
+            Engine, refused where unavailable) or local (Megatron's local modules and torch).
+        r_lowering: null, or the letter (M, A, F, E or G) that every R layer is lowered to
+            for the native Megatron target, which has no recurrent layer. Never implicit:
+            without it a native translation of a layout with R is refused. The plugin target
+            ignores it (the plugin builds R).
+        model: the model section (shape and one sub-section per block family).
+        precision: the precision section.
+        parallel: the parallel section.
+        training: the training schedule and optimizer section.
+        data: the data section.
+        logging: the logging and receipts section.
+        source: where the recipe was loaded from (set by the loader; not a key).
+        overrides: the --set overrides applied on top of the file (set by the loader; not a
+            key).
+    """
+
+    name: str
+    pattern: str
+    description: str = ""
+    depth: int | None = None
+    mtp_depths: int = 0
+    backend: Literal["auto", "te", "local"] = "auto"
+    r_lowering: Literal["M", "A", "F", "E", "G"] | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="", compare=False, metadata={"key": False})
+    overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
+
+    def __post_init__(self) -> None:
+        problems = recipe_problems(self)
+        if problems:
+            raise RecipeError(
+                f"{self.where}: the recipe is inconsistent:\n  - " + "\n  - ".join(problems)
+            )
+
+    @property
+    def where(self) -> str:
+        """The recipe's origin for messages: its file (and the --set overrides, if any)."""
+        where = self.source or f"recipe {self.name!r}"
+        if self.overrides:
+            where += " with " + " ".join(f"--set {o}" for o in self.overrides)
+        return where
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The validated layer layout (pattern tiled to depth, stages, MTP parts)."""
+        return resolve(self.pattern, self.depth)
+
+    @cached_property
+    def lowered_layout(self) -> Layout:
+        """The layout with every R replaced by ``r_lowering`` (the layout itself if unset)."""
+        if self.r_lowering is None:
+            return self.layout
+        return parse_pattern(self.layout.canonical.replace("R", self.r_lowering))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every recipe key with its resolved value (JSON/YAML-ready; no source/overrides)."""
+        return _plain({f.name: getattr(self, f.name) for f in _key_fields(Recipe)})
+
+    @cached_property
+    def recipe_hash(self) -> str:
+        """sha256 of the fully resolved recipe (see :func:`resolved_for_hash`)."""
+        return content_hash(resolved_for_hash(self))
+
+
+def resolved_for_hash(recipe: Recipe) -> dict[str, Any]:
+    """What the recipe hash covers: every setting, with the pattern fully expanded.
+
+    The name, description, source file and overrides are left out (the same settings under
+    another file name hash the same), and ``pattern``/``depth`` are replaced by the expanded
+    canonical layout, so a family name and its literal spelling hash the same. Hashed as
+    sorted, compact JSON (``receipt.content_hash``).
+    """
+    data = recipe.to_dict()
+    for key in ("name", "description"):
+        data.pop(key)
+    data["pattern"] = recipe.layout.canonical
+    data["depth"] = recipe.layout.depth
+    return data
+
+
+# --------------------------------------------------------------------------- docs from docstrings
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: documentation}`` from the ``Attributes:`` list of ``cls``'s docstring."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").expandtabs().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return docs
+    item_indent: int | None = None
+    current: str | None = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if item_indent is None:
+            item_indent = indent
+        if indent < item_indent:
+            break
+        match = re.match(r"(\w+):\s*(.*)", line.strip())
+        if indent == item_indent and match:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current is not None:
+            docs[current] += " " + line.strip()
+    return docs
+
+
+# --------------------------------------------------------------------------- schema helpers
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _key_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+
+def _file_keys(cls: type) -> list[str]:
+    """The keys a recipe file may hold at the level of ``cls``."""
+    names = [f.name for f in _key_fields(cls)]
+    if cls is Recipe:
+        names.remove("name")  # from the file name
+        names.insert(0, BASE_KEY)
+    return names
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in (
+        typing.get_args(tp)
+    )
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def describe_type(tp: Any) -> str:
+    """What a value of type ``tp`` looks like in a recipe, for messages and ``describe``."""
+    if _is_optional(tp):
+        return f"{describe_type(_strip_optional(tp))}, or null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(
+            item, describe_type(item))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys: " + ", ".join(_file_keys(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return f"a list ({list(value)!r})"
+    return f"{type(value).__name__} ({value!r})"
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _key_fields(type(value))}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- single-value rules
+
+#: integer keys that may be zero (every other integer must be >= 1).
+_NON_NEGATIVE_INTS = frozenset(
+    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters"}
+)
+
+
+def _in_unit(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+#: key -> (rule shown in messages, predicate) for numbers (every number must be finite).
+_FLOAT_RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
+    "model.norm_epsilon": ("> 0", lambda v: v > 0),
+    "model.init_std": ("> 0", lambda v: v > 0),
+    "model.hidden_dropout": ("in [0, 1)", _in_unit),
+    "model.attention_dropout": ("in [0, 1)", _in_unit),
+    "model.moe.aux_loss_coeff": (">= 0", lambda v: v >= 0),
+    "training.lr": ("> 0", lambda v: v > 0),
+    "training.min_lr": (">= 0", lambda v: v >= 0),
+    "training.weight_decay": (">= 0", lambda v: v >= 0),
+    "training.adam_beta1": ("in [0, 1)", _in_unit),
+    "training.adam_beta2": ("in [0, 1)", _in_unit),
+    "training.clip_grad": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+}
+
+
+def _value_problem(path: str, value: Any) -> str | None:
+    """Why ``value`` is impossible for ``path`` on its own, or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        if path in _NON_NEGATIVE_INTS:
+            return None if value >= 0 else f"must be >= 0, got {value}"
+        return None if value >= 1 else f"must be a positive integer (>= 1), got {value}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        rule = _FLOAT_RULES.get(path)
+        if rule and not rule[1](value):
+            return f"must be {rule[0]}, got {value!r}"
+    return None
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 numbers (``3e-4`` is a float) and no duplicate keys."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text to Python with the recipe loader; errors name ``origin``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{origin}: not valid YAML: {err}") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def known_recipes() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or a name of ``recipes/`` (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = RECIPES_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and candidate.is_file():
+        return candidate
+    raise RecipeError(
+        f"no recipe {str(name_or_path)!r}: not a file, nor a recipe in recipes/; known "
+        f"recipes: {', '.join(known_recipes()) or '(none)'}"
+    )
+
+
+def _display(path: Path) -> str:
+    path = path.resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _read_chain(path: Path) -> list[tuple[str, dict]]:
+    """The recipe and its bases, root base first: ``[(display name, mapping), ...]``."""
+    chain: list[tuple[str, dict]] = []
+    seen: list[Path] = []
+    current: Path | None = path
+    while current is not None:
+        resolved = current.resolve()
+        shown = _display(current)
+        if resolved in seen:
+            cycle = " -> ".join([*(_display(p) for p in seen), shown])
+            raise RecipeError(f"{_display(path)}: base recipes form a cycle: {cycle}")
+        seen.append(resolved)
+        if not current.is_file():
+            raise RecipeError(
+                f"{_display(seen[-2]) if len(seen) > 1 else shown}: {BASE_KEY}: no such "
+                f"recipe file {shown}"
+            )
+        data = parse_yaml(current.read_text(), shown)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(
+                f"{shown}: a recipe is a mapping of keys ({', '.join(_file_keys(Recipe))}), "
+                f"got {_show(data)}"
+            )
+        base = data.pop(BASE_KEY, None)
+        chain.append((shown, data))
+        if base is None:
+            current = None
+        elif not isinstance(base, str) or not base:
+            raise RecipeError(
+                f"{shown}: {BASE_KEY}: expected a file name relative to the recipe's folder "
+                f"(e.g. tiny.yaml), got {_show(base)}"
+            )
+        else:
+            current = resolved.parent / base
+    return chain[::-1]
+
+
+class _Origins:
+    """Which file (or --set) gave each key path its value, for messages."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self.by_path: dict[tuple[str, ...], str] = {}
+
+    def record(self, path: tuple[str, ...], value: Any, origin: str) -> None:
+        self.by_path[path] = origin
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                self.record((*path, str(key)), sub, origin)
+
+    def of(self, path: str) -> str:
+        parts = tuple(path.split(".")) if path else ()
+        while parts:
+            if parts in self.by_path:
+                return self.by_path[parts]
+            parts = parts[:-1]
+        return self.default
+
+
+def _merge(into: dict, data: dict, origin: str, origins: _Origins, prefix=()) -> None:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, origins, path)
+        else:
+            into[key] = value
+            origins.record(path, value, origin)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'model.hidden_size=2048'`` -> ``('model.hidden_size', 2048)`` (value read as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+        raise RecipeError(
+            f"--set {text}: expected KEY=VALUE with a dotted key, e.g. "
+            "--set model.hidden_size=2048 or --set parallel.sequence_parallel=true"
+        )
+    return key, parse_yaml(raw, f"--set {text}")
+
+
+def _check_override_key(key: str, text: str) -> None:
+    """An override must name an existing key; sections are reached through their keys."""
+    cls: Any = Recipe
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        accepted = [k for k in _file_keys(cls) if k != BASE_KEY]
+        where = ".".join(parts[:depth]) or "the recipe"
+        if part == BASE_KEY and cls is Recipe:
+            raise RecipeError(f"--set {text}: {BASE_KEY} cannot be overridden")
+        if part not in accepted:
+            raise RecipeError(
+                f"--set {text}: {'.'.join(parts[: depth + 1])}: unknown key; accepted keys "
+                f"of {where}: {', '.join(accepted)}"
+            )
+        tp = _strip_optional(_hints(cls)[part])
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise RecipeError(
+                    f"--set {text}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+                )
+            cls = tp
+
+
+def _apply_override(merged: dict, key: str, value: Any, origin: str, origins: _Origins) -> None:
+    node = merged
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    origins.record(tuple(parts), value, origin)
+
+
+def _fail(origins: _Origins, path: str, problem: str, accepted: str | None = None) -> RecipeError:
+    message = f"{origins.of(path)}: {path}: {problem}"
+    if accepted:
+        message += f"; accepted: {accepted}"
+    return RecipeError(message)
+
+
+def _coerce(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
+    """``value`` checked (strictly) against ``tp``; sections become their dataclasses."""
+    if _is_optional(tp):
+        if value is None:
+            return None
+        inner = _strip_optional(tp)
+        try:
+            return _coerce(value, inner, path, origins)
+        except RecipeError as err:
+            if "; accepted: " in str(err) and not dataclasses.is_dataclass(inner):
+                head, _, _ = str(err).rpartition("; accepted: ")
+                raise RecipeError(f"{head}; accepted: {describe_type(tp)}") from None
+            raise
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(origins, path, f"expected a section, got {_show(value)}",
+                        describe_type(tp))
+        return _build(tp, value, path, origins)
+    if value is None:
+        raise _fail(origins, path, "null is not allowed here", describe_type(tp))
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise _fail(origins, path, f"got {_show(value)}", describe_type(tp))
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _fail(origins, path, f"expected a list, got {_show(value)}", describe_type(tp))
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]", origins) for i, v in enumerate(value))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:  # pragma: no cover - a config field of a type this loader does not know
+        raise _fail(origins, path, f"unsupported field type {tp!r}")
+    if not ok:
+        raise _fail(origins, path, f"expected {describe_type(tp)}, got {_show(value)}",
+                    describe_type(tp))
+    if tp is float:
+        value = float(value)
+    problem = _value_problem(path, value)
+    if problem:
+        raise _fail(origins, path, problem)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, origins: _Origins, **extra: Any) -> Any:
+    accepted = _file_keys(cls)
+    if cls is not Recipe:
+        accepted = [k for k in accepted if k != BASE_KEY]
+    for key in data:
+        if key not in accepted:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            where = f"section {prefix}" if prefix else "a recipe"
+            raise _fail(origins, path, "unknown key", f"the keys of {where}: {', '.join(accepted)}")
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = dict(extra)
+    for f in _key_fields(cls):
+        if f.name in data:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path, origins)
+        elif (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in kwargs
+        ):
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            raise _fail(origins, path, "required key is missing", describe_type(hints[f.name]))
+    return cls(**kwargs)
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, merge (``base:``), override (``--set``) and validate a recipe.
+
+    ``name_or_path`` is a YAML file or the name of a recipe in ``recipes/``; ``overrides``
+    are ``KEY=VALUE`` strings. Raises :class:`RecipeError` for anything wrong.
+    """
+    path = recipe_path(name_or_path)
+    shown = _display(path)
+    origins = _Origins(shown)
+    merged: dict[str, Any] = {}
+    for origin, data in _read_chain(path):
+        _merge(merged, data, origin, origins)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_override_key(key, text)
+        _apply_override(merged, key, value, f"--set {text}", origins)
+    name = path.stem
+    if isinstance(merged.get("description"), str):
+        merged["description"] = merged["description"].strip()  # YAML '>' adds a newline
+    if "pattern" not in merged:
+        raise _fail(origins, "pattern", "required key is missing",
+                    f"a pattern family ({', '.join(known_families())}) or a literal pattern")
+    return _build(Recipe, merged, "", origins, name=name, source=shown,
+                  overrides=tuple(overrides))
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+def recipe_problems(recipe: Recipe) -> list[str]:
+    """Every cross-field rule ``recipe`` breaks (empty if none); each names its fields.
+
+    Size rules come from :func:`megacpp_mcore.sizes.size_problems` (shared with the model
+    builder) and are checked only for the block families the layout uses, plus the family
+    R is lowered to (``r_lowering``). Two attention rules are checked for every model,
+    because Megatron's argument validation asserts them even without attention layers:
+    ``hidden_size`` divisible by ``num_attention_heads`` (unless ``kv_channels`` is set) and
+    heads divisible by the tensor-parallel size. The data-parallel size is not known until
+    launch (it is the world size over TP x PP x CP), so ``global_batch_size`` is only
+    checked against ``micro_batch_size`` here; Megatron checks it against
+    ``micro_batch_size * data-parallel size`` when it starts.
+    """
+    try:
+        layout = recipe.layout
+    except PatternError as err:
+        return [f"pattern {recipe.pattern!r} (depth {recipe.depth}): {err}"]
+    model, parallel, training = recipe.model, recipe.parallel, recipe.training
+    precision, data = recipe.precision, recipe.data
+    problems: list[str] = []
+
+    # layout: MTP, R lowering, pipeline stages
+    if recipe.mtp_depths != layout.mtp_depth:
+        problems.append(
+            f"mtp_depths ({recipe.mtp_depths}) does not match the pattern's "
+            f"{layout.mtp_depth} multi-token-prediction part(s) ('/' parts of pattern "
+            f"{layout.canonical!r}): the MTP layers come from the pattern, one identical '/' "
+            "part per depth ('AEM/MA/MA' has 2 MTP depths)"
+        )
+    if recipe.r_lowering is not None and not layout.has("R"):
+        problems.append(
+            f"r_lowering ({recipe.r_lowering}) is set but the layout {layout.canonical!r} has "
+            "no R layer; remove r_lowering"
+        )
+    if len(layout.stages) > 1:
+        if len(layout.stages) != parallel.pipeline:
+            problems.append(
+                f"the pattern has {len(layout.stages)} pipeline stages ('|') but "
+                f"parallel.pipeline is {parallel.pipeline}: they must be equal"
+            )
+    elif layout.depth % parallel.pipeline:
+        problems.append(
+            f"depth ({layout.depth}) must be divisible by parallel.pipeline "
+            f"({parallel.pipeline}) when the pattern has no '|' stage marks"
+        )
+
+    # sizes (shared with the model builder), for the families in use
+    size = size_problems(layout, model, parallel)
+    if recipe.r_lowering is not None and layout.has("R"):
+        size += [p for p in size_problems(recipe.lowered_layout, model, parallel)
+                 if p not in size]
+    problems += size
+    if not recipe.lowered_layout.has("A"):
+        # Megatron validates these for every model (validate_args / TransformerConfig).
+        heads = model.num_attention_heads
+        if model.kv_channels is None and model.hidden_size % heads:
+            problems.append(
+                f"model.hidden_size ({model.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({heads}) (or set model.kv_channels): Megatron "
+                "checks it even without attention layers"
+            )
+        if heads % parallel.tensor:
+            problems.append(
+                f"model.num_attention_heads ({heads}) must be divisible by parallel.tensor "
+                f"({parallel.tensor}): Megatron checks it even without attention layers"
+            )
+    moe = model.moe
+    if recipe.lowered_layout.has("E") and moe.top_k == 1 and moe.router_score_function == (
+            "softmax"):
+        problems.append(
+            "model.moe.top_k 1 with model.moe.router_score_function softmax: a softmax over "
+            "the one chosen expert is constant (zero router gradient), and Megatron refuses it "
+            "without a pre-top-k softmax, which recipes do not set; use top_k >= 2 or sigmoid"
+        )
+    if parallel.expert > 1 and not recipe.lowered_layout.has("E"):
+        problems.append(
+            f"parallel.expert ({parallel.expert}) > 1 but the layout has no E (MoE) layer"
+        )
+
+    # parallel
+    if parallel.distributed_optimizer and parallel.fsdp != "none":
+        problems.append(
+            f"parallel.distributed_optimizer and parallel.fsdp ({parallel.fsdp}) are exclusive: "
+            "FSDP shards the optimizer state itself"
+        )
+    if parallel.fsdp == "torch_fsdp2":
+        fsdp2 = {
+            "parallel.pipeline": (parallel.pipeline, parallel.pipeline == 1, "1"),
+            "parallel.expert": (parallel.expert, parallel.expert == 1, "1"),
+            "model.tie_embeddings": (model.tie_embeddings, not model.tie_embeddings, "false"),
+            "precision.params_dtype": (precision.params_dtype,
+                                       precision.params_dtype != "fp16", "bf16 or fp32"),
+        }
+        for key, (value, ok, need) in fsdp2.items():
+            if not ok:
+                problems.append(f"parallel.fsdp torch_fsdp2 needs {key} {need}, got {value} "
+                                "(Megatron's rule)")
+
+    # precision
+    if precision.params_dtype == "fp32" and not precision.grad_reduce_in_fp32:
+        problems.append(
+            "precision.grad_reduce_in_fp32 is false but precision.params_dtype is fp32: fp32 "
+            "gradients are always reduced in fp32"
+        )
+
+    # training
+    if training.global_batch_size % training.micro_batch_size:
+        problems.append(
+            f"training.global_batch_size ({training.global_batch_size}) must be divisible by "
+            f"training.micro_batch_size ({training.micro_batch_size}) (and, at launch, by "
+            "micro_batch_size x the data-parallel size)"
+        )
+    if training.min_lr > training.lr:
+        problems.append(
+            f"training.min_lr ({training.min_lr}) must not exceed training.lr ({training.lr})"
+        )
+    if training.lr_warmup_iters >= training.train_iters:
+        problems.append(
+            f"training.lr_warmup_iters ({training.lr_warmup_iters}) must be smaller than "
+            f"training.train_iters ({training.train_iters})"
+        )
+    if training.eval_interval is not None and training.eval_iters == 0:
+        problems.append(
+            f"training.eval_interval ({training.eval_interval}) is set but "
+            "training.eval_iters is 0; set eval_iters >= 1 or eval_interval null"
+        )
+
+    # data
+    if data.source == "path" and not data.paths:
+        problems.append("data.source is path but data.paths is empty")
+    if data.source != "path" and data.paths:
+        problems.append(f"data.paths is set but data.source is {data.source} (paths are read "
+                        "only with source path)")
+    if data.source == "embedded" and data.tokenizer != "byte":
+        problems.append("data.source embedded needs data.tokenizer byte (the embedded text is "
+                        "byte-tokenized)")
+    if data.tokenizer == "byte" and model.vocab_size < BYTE_VOCAB_SIZE:
+        problems.append(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the byte tokenizer's "
+            f"{BYTE_VOCAB_SIZE} ids (256 bytes + end-of-document)"
+        )
+    split = data.split.split(",")
+    if len(split) != 3 or not all(re.fullmatch(r"\d+(\.\d*)?", s.strip()) for s in split) or (
+        sum(float(s) for s in split) <= 0
+    ):
+        problems.append(
+            f"data.split ({data.split!r}) must be three non-negative weights "
+            "'train,valid,test' with a positive sum, e.g. '98,2,0'"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+
+
+def _describe_section(cls: type, prefix: str, lines: list[str]) -> None:
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in _key_fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append("")
+            lines.append(f"{path}: {docs.get(f.name, '')}  [{tp.__name__}]")
+            _describe_section(tp, f"{path}.", lines)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(_plain(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(_plain(f.default_factory()))
+        else:
+            default = "required"
+        lines.append(f"  {path}  ({describe_type(tp)}; default {default})")
+        lines.append(_wrap(docs.get(f.name, "(undocumented)")))
+
+
+def describe() -> str:
+    """Every recipe key with its type, default and documentation (from the docstrings)."""
+    lines = [
+        "A recipe is a YAML mapping of these keys (recipes/*.yaml). 'base: FILE' deep-merges",
+        "it over another recipe (relative to its folder); --set KEY=VALUE overrides a key.",
+        "",
+    ]
+    docs = field_docs(Recipe)
+    hints = _hints(Recipe)
+    for f in _key_fields(Recipe):
+        if f.name == "name":
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append("")
+            lines.append(f"{f.name}: {docs.get(f.name, '')}  [{tp.__name__}]")
+            lines.append(f"  {(tp.__doc__ or '').strip().splitlines()[0]}")
+            _describe_section(tp, f"{f.name}.", lines)
+        else:
+            default = "required" if f.default is dataclasses.MISSING else json.dumps(f.default)
+            lines.append(f"  {f.name}  ({describe_type(tp)}; default {default})")
+            lines.append(_wrap(docs.get(f.name, "(undocumented)")))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    layout = recipe.layout
+    if args.json:
+        out = {
+            "name": recipe.name,
+            "source": recipe.source,
+            "overrides": list(recipe.overrides),
+            "hash": recipe.recipe_hash,
+            "layout": layout.to_json(),
+            "recipe": recipe.to_dict(),
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    counts = ", ".join(f"{n} {letter}" for letter, n in layout.counts.items() if n)
+    print(f"# recipe {recipe.name} ({recipe.where})")
+    print(f"# hash   {recipe.recipe_hash}")
+    print(f"# layout {layout.canonical} ({layout.depth} layers: {counts}; "
+          f"{len(layout.stages)} stage(s); {layout.mtp_depth} MTP depth(s))")
+    sys.stdout.write(yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False))
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    print(describe())
+    return 0
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """The repeatable ``--set KEY=VALUE`` override option (shared with ``translate``)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set model.hidden_size=2048 (repeatable; the "
+        "value is read as YAML)",
+    )
+
+
+def add_recipe_subcommand(sub: argparse._SubParsersAction) -> None:
+    """Register ``megacpp recipe show|describe``."""
+    p = sub.add_parser(
+        "recipe",
+        help="show a resolved recipe, or describe every recipe key",
+        description="Load a recipe (recipes/NAME.yaml or a path), apply base recipes and "
+        "--set overrides, validate it and show the result; or describe every key a recipe "
+        "may hold. Invalid recipes exit with status 2.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = actions.add_parser("show", help="the fully resolved recipe, its hash and layout")
+    show.add_argument("recipe", help="a recipe name in recipes/ (e.g. nam56r) or a YAML path")
+    add_set_argument(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(handler=_cmd_show)
+    desc = actions.add_parser("describe", help="every recipe key with type, default and docs")
+    desc.set_defaults(handler=_cmd_describe)
+
+
+__all__ = [
+    "BACKENDS",
+    "FAMILIES",
+    "R_LOWERINGS",
+    "Recipe",
+    "add_recipe_subcommand",
+    "describe",
+    "field_docs",
+    "known_recipes",
+    "load_recipe",
+    "recipe_problems",
+]
