@@ -1,0 +1,200 @@
+"""The M2RNN scan op on CPU: the reference against an independent naive loop, gradcheck, the
+dispatcher's errors, and the fused Triton kernel under the Triton CPU interpreter."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def naive_scan(q, k, v, f, W, h0):
+    """The recurrence written out per step, per batch, per head (float64, plain loops)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    state = [[h0[b, h] for h in range(H)] for b in range(B)]
+    ys = [[[] for _ in range(H)] for _ in range(B)]
+    for t in range(T):
+        for b in range(B):
+            for h in range(H):
+                prev = state[b][h]
+                pre = prev @ W[h] + torch.outer(k[b, t, h], v[b, t, h])
+                new = f[b, t, h] * prev + (1 - f[b, t, h]) * torch.tanh(pre)
+                state[b][h] = new
+                ys[b][h].append(q[b, t, h] @ new)  # [V]
+    y = torch.stack([torch.stack([torch.stack(ys[b][h]) for h in range(H)], dim=1)
+                     for b in range(B)])  # [B, T, H, V]
+    h_last = torch.stack([torch.stack(state[b]) for b in range(B)])
+    assert y.shape == (B, T, H, V) and h_last.shape == (B, H, K, V)
+    return y, h_last
+
+
+def make_inputs(B, T, H, K, V, *, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g) * 0.5
+    k = torch.randn(B, T, H, K, generator=g) * 0.5
+    v = torch.randn(B, T, H, V, generator=g) * 0.5
+    f = torch.sigmoid(torch.randn(B, T, H, generator=g) * 2)
+    W = torch.eye(V) + 0.1 * torch.randn(H, V, V, generator=g)
+    h0 = torch.randn(B, H, K, V, generator=g) * 0.5
+    return [x.to(dtype) for x in (q, k, v, f, W, h0)]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    """(y, h_last, grads of every input) for a random linear functional of y and h_last."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    y, h_last = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g).to(y.dtype)
+    gh = torch.randn(h_last.shape, generator=g).to(h_last.dtype)
+    grads = torch.autograd.grad((y, h_last), xs, (gy, gh))
+    return [y.detach(), h_last.detach(), *grads]
+
+
+NAMES = ["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 3), (1, 1, 1, 2, 2), (3, 4, 2, 5, 1)])
+def test_reference_matches_naive_loop(shape):
+    inputs = make_inputs(*shape)
+    got = outputs_and_grads(m2rnn_scan_reference, inputs)
+    want = outputs_and_grads(naive_scan, inputs)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_reference_without_h0_starts_from_zeros():
+    inputs = make_inputs(2, 4, 2, 3, 2)
+    zeros = torch.zeros_like(inputs[5])
+    got = outputs_and_grads(lambda *x: m2rnn_scan_reference(*x, None), inputs[:5])
+    want = outputs_and_grads(naive_scan, [*inputs[:5], zeros])[:7]
+    assert len(got) == 7
+    for name, a, b in zip(NAMES, got, want, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_reference_gradcheck():
+    inputs = [x.requires_grad_(True) for x in make_inputs(1, 3, 2, 3, 2, seed=3)]
+    assert torch.autograd.gradcheck(m2rnn_scan_reference, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_reference_dtypes():
+    q, k, v, f, W, h0 = make_inputs(1, 3, 2, 4, 2, dtype=torch.bfloat16)
+    y, h_last = m2rnn_scan_reference(q, k, v, f, W)
+    assert y.dtype == torch.bfloat16 and h_last.dtype == torch.float32
+    y, h_last = m2rnn_scan_reference(q, k, v, f, W.double(), h0)
+    assert y.dtype == torch.bfloat16 and h_last.dtype == torch.float64
+    y64, _ = m2rnn_scan(*(x.double() for x in (q, k, v, f, W, h0)), path="reference")
+    torch.testing.assert_close(y, y64.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_reference_rejects_bad_shapes():
+    q, k, v, f, W, h0 = make_inputs(2, 3, 2, 4, 2)
+    with pytest.raises(ValueError, match=r"W must be \[H, V, V\]"):
+        m2rnn_scan_reference(q, k, v, f, W[:1])
+    with pytest.raises(ValueError, match="f must be"):
+        m2rnn_scan_reference(q, k, v, f[:, :2], W)
+    with pytest.raises(ValueError, match="h0 must be"):
+        m2rnn_scan_reference(q, k, v, f, W, h0[:1])
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        m2rnn_scan_reference(q, k[:, :, :1], v, f, W)
+    with pytest.raises(ValueError, match="floating-point"):
+        m2rnn_scan_reference(q, k, v, f.long(), W)
+
+
+def test_dispatcher_rejects_unknown_path():
+    inputs = make_inputs(1, 2, 1, 2, 2)
+    with pytest.raises(ValueError, match="accepted: reference, fused"):
+        m2rnn_scan(*inputs, path="triton")
+
+
+def test_dispatcher_fused_needs_cuda():
+    inputs = make_inputs(1, 2, 1, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="fused path needs CUDA"):
+        m2rnn_scan(*inputs, path="fused")
+
+
+def test_fused_rejects_unsupported_inputs():
+    pytest.importorskip("triton")
+    from megacpp_mcore.ops.m2rnn_triton import m2rnn_scan_fused
+
+    def run(B=1, T=4, H=1, K=16, V=16, dtype=torch.float32, **kw):
+        q, k, v, f, W, h0 = make_inputs(B, T, H, K, V, dtype=dtype)
+        return m2rnn_scan_fused(q, k, v, f, W, h0, **kw)
+
+    with pytest.raises(ValueError, match=r"K=48 is not supported"):
+        run(K=48)
+    with pytest.raises(ValueError, match=r"V=8 is not supported"):
+        run(V=8)
+    with pytest.raises(ValueError, match="float64"):
+        run(dtype=torch.float64)
+    with pytest.raises(ValueError, match="backward_chunk"):
+        run(backward_chunk=0)
+    with pytest.raises(ValueError, match="needs CUDA"):  # CPU without the interpreter
+        run()
+
+
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton is imported.
+INTERPRETER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan_reference
+    from megacpp_mcore.ops.m2rnn_triton import ScanKernelConfig, m2rnn_scan_fused
+    sys.path.insert(0, sys.argv[1])
+    from test_m2rnn_scan import NAMES, make_inputs, outputs_and_grads
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    cases = [  # (B, T, H, K, V, chunk, with_h0, config)
+        (1, 9, 2, 16, 16, 4, True, None),
+        (1, 9, 2, 16, 16, 4, False, None),
+        (2, 7, 1, 32, 16, 3, True, ScanKernelConfig(block_rows=16, use_dot=False)),
+        (1, 5, 1, 32, 32, 8, True, ScanKernelConfig(block_rows=32)),
+    ]
+    report = []
+    for B, T, H, K, V, chunk, with_h0, config in cases:
+        inputs = make_inputs(B, T, H, K, V, dtype=torch.float32)
+        if not with_h0:
+            inputs = inputs[:5]
+        fused = outputs_and_grads(
+            lambda *x: m2rnn_scan_fused(*x, backward_chunk=chunk, config=config), inputs)
+        again = outputs_and_grads(
+            lambda *x: m2rnn_scan_fused(*x, backward_chunk=chunk, config=config), inputs)
+        ref = outputs_and_grads(m2rnn_scan_reference, [x.double() for x in inputs])
+        report.append({
+            "case": [B, T, H, K, V, chunk, with_h0, repr(config)],
+            "dtypes": [str(x.dtype) for x in fused],
+            "rel": {n: rel(a, b) for n, a, b in zip(NAMES, fused, ref)},
+            "deterministic": all(torch.equal(a, b) for a, b in zip(fused, again)),
+        })
+    print(json.dumps(report))
+""")
+
+
+def test_fused_kernel_under_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT / "tests")],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 4
+    for case in report:
+        # float32 kernel vs float64 reference over <= 9 steps: float32 rounding only.
+        for name, err in case["rel"].items():
+            assert err < 1e-5, (case["case"], name, err)
+        assert case["dtypes"][0] == "torch.float32" and case["dtypes"][1] == "torch.float32"
+        assert case["deterministic"], case["case"]
