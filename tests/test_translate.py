@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -33,70 +31,14 @@ from megacpp_mcore.megatron_args import (
 )
 from megacpp_mcore.recipe import load_recipe
 from megacpp_mcore.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
+from tests.megatron_helpers import megatron_parse
 
 arguments = pytest.importorskip("megatron.training.arguments")
-import megatron.core.num_microbatches_calculator as microbatches  # noqa: E402
-from megatron.training import global_vars  # noqa: E402
-from megatron.training.argument_utils import core_transformer_config_from_args  # noqa: E402
 
 #: Megatron's own parser passes type= to a BooleanOptionalAction (deprecated in Python 3.12)
 pytestmark = pytest.mark.filterwarnings("ignore:'type' is deprecated:DeprecationWarning")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def gpu_machine(plan):
-    """Megatron's view of the machine the plan targets: a Hopper GPU per rank, plan.nproc
-    ranks, the plan's environment (all restored afterwards)."""
-    env = {"WORLD_SIZE": str(plan.nproc), "RANK": "0", "LOCAL_RANK": "0"}
-    unset = [e.name for e in plan.env if e.value is None]
-    env.update({e.name: e.value for e in plan.env if e.value is not None})
-    rope = importlib.import_module("megatron.core.models.common.embeddings.rope_utils")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.dict(os.environ, env))  # restores all of os.environ
-        for name in unset:
-            os.environ.pop(name, None)
-        stack.enter_context(mock.patch.object(arguments, "get_device_arch_version",
-                                              lambda: 9))
-        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability",
-                                              lambda *a, **k: (9, 0)))
-        # Transformer Engine's fused RoPE exists on the GPU machine (native runs need TE)
-        if rope.fused_apply_rotary_pos_emb is None:
-            stack.enter_context(mock.patch.object(rope, "fused_apply_rotary_pos_emb",
-                                                  lambda *a, **k: None))
-        stack.enter_context(mock.patch.object(sys, "argv", ["pretrain_nam.py", *plan.argv()]))
-        yield
-
-
-@contextlib.contextmanager
-def own_megatron_globals():
-    """Megatron's global args/tokenizer/microbatch state, empty inside and restored after."""
-    saved = {k: v for k, v in vars(global_vars).items() if k.startswith("_GLOBAL_")}
-    saved_calculator = microbatches._GLOBAL_NUM_MICROBATCHES_CALCULATOR
-    global_vars.unset_global_variables()
-    try:
-        yield
-    finally:
-        global_vars.unset_global_variables()
-        for key, value in saved.items():
-            setattr(global_vars, key, value)
-        microbatches._GLOBAL_NUM_MICROBATCHES_CALCULATOR = saved_calculator
-
-
-def megatron_parse(plan):
-    """Megatron's parsed, validated args (and its TransformerConfig) for the plan's flags."""
-    out = io.StringIO()
-    try:
-        with (own_megatron_globals(), gpu_machine(plan), contextlib.redirect_stdout(out),
-              contextlib.redirect_stderr(out)):
-            args = arguments.parse_and_validate_args(extra_args_provider=add_megacpp_args)
-            config = core_transformer_config_from_args(args)
-    except SystemExit as exit:  # argparse: unknown flag or bad value
-        pytest.fail(f"Megatron's parser exited ({exit.code}):\n{out.getvalue()[-3000:]}")
-    except AssertionError as err:  # validate_args asserts
-        pytest.fail(f"Megatron rejected the flags: {err}\n{plan.args_line()}")
-    return args, config
 
 
 def assert_matches(args, config, plan):

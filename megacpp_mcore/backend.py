@@ -1,0 +1,157 @@
+"""The backend dispatcher: one place that decides what builds each block family.
+
+``auto`` picks Transformer Engine when it imports and CUDA is present, else the local
+backend (Megatron's own linears, torch norms, SDPA attention). Independently, the mixers this
+project owns choose their scan path: the fused GPU kernels (mamba-ssm for M, the project's
+Triton scan for R) where CUDA and the kernels are present, the PyTorch reference otherwise.
+Every decision is recorded (requested, built, path, why) and that record travels with the
+model into receipts. Nothing falls back silently: an explicit ``te`` that cannot be honoured,
+or a family that cannot be built here at all (G without flash-linear-attention and CUDA),
+is a :class:`SpecError` naming the layers and the way out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from megacpp_mcore.errors import SpecError
+from megacpp_mcore.layout import FAMILIES, Layout
+
+BACKENDS = ("auto", "te", "local")
+
+
+def have_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def have_transformer_engine() -> bool:
+    """TE is usable only if Megatron's TE extension imported it (a bare meta package is not)."""
+    if not have_module("transformer_engine"):
+        return False
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def have_mamba_kernels() -> bool:
+    return have_module("mamba_ssm") and have_module("causal_conv1d")
+
+
+@dataclass(frozen=True)
+class FamilyBuild:
+    """What the dispatcher decided for one block family."""
+
+    letter: str
+    family: str
+    requested: str
+    built: str  # "te" or "local": which linears/norms/attention core
+    path: str | None  # M, R: "fused" or "reference" scan; E: the token dispatcher; else None
+    reason: str
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """The dispatcher's decisions for every family a layout uses."""
+
+    requested: str
+    built: str
+    cuda: bool
+    families: dict[str, FamilyBuild]
+
+    def path(self, letter: str) -> str:
+        return self.families[letter].path or ""
+
+    def with_path(self, letter: str, path: str, reason: str) -> BackendPlan:
+        """The same plan with one family's path forced (parity tests, benchmarks); the
+        reason is recorded like any other decision."""
+        families = dict(self.families)
+        families[letter] = replace(families[letter], path=path, reason=reason)
+        return replace(self, families=families)
+
+    def record(self) -> dict:
+        """JSON-ready record for receipts: per family, requested vs built."""
+        return {
+            "requested": self.requested,
+            "built": self.built,
+            "cuda": self.cuda,
+            "families": {letter: asdict(build) for letter, build in self.families.items()},
+        }
+
+
+def resolve_backend(
+    requested: str,
+    layout: Layout,
+    cuda: bool | None = None,
+    moe_dispatcher: str = "alltoall",
+) -> BackendPlan:
+    """Decide, once, how every family of ``layout`` is built on this machine.
+
+    ``moe_dispatcher`` is the token dispatcher the settings ask for; without CUDA Megatron's
+    alltoall dispatcher cannot be built (it allocates CUDA streams), so E layers then use
+    allgather, which routes identically at expert-parallel size 1, and the record says so.
+    """
+    if requested not in BACKENDS:
+        raise SpecError(f"backend {requested!r} is not known; accepted: {', '.join(BACKENDS)}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    te_ok = cuda and have_transformer_engine()
+    if requested == "te" and not te_ok:
+        missing = "a CUDA GPU" if not cuda else "Transformer Engine (pip install -e '.[te]')"
+        raise SpecError(f"backend te needs Transformer Engine and a CUDA GPU; missing: {missing}."
+                        " Use backend local (or auto) on this machine.")
+    built = "te" if (requested == "te" or (requested == "auto" and te_ok)) else "local"
+    why = {
+        "te": "Transformer Engine modules",
+        "local": "Megatron local linears, torch norms, SDPA attention"
+        + ("" if requested == "local" else " (auto: Transformer Engine or CUDA not available)"),
+    }[built]
+
+    letters = [letter for letter in FAMILIES if layout.has(letter)]
+    families: dict[str, FamilyBuild] = {}
+    for letter in letters:
+        path, reason = None, why
+        if letter == "M":
+            if cuda and have_mamba_kernels():
+                path, reason = "fused", f"{why}; mamba-ssm fused SSD scan"
+            elif built == "te":
+                raise SpecError(
+                    f"M layers {_numbers(layout, 'M')}: backend te runs Mamba-2 with mamba-ssm's "
+                    "fused kernels, and mamba-ssm/causal-conv1d are not installed "
+                    "(pip install -e '.[gpu]'); or use backend local for the PyTorch reference")
+            else:
+                path = "reference"
+                reason = f"{why}; PyTorch reference SSD scan (" + (
+                    "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
+        elif letter == "R":
+            if cuda:
+                path, reason = "fused", f"{why}; Triton M2RNN scan"
+            else:
+                path, reason = "reference", f"{why}; PyTorch reference M2RNN scan (no CUDA)"
+        elif letter == "E":
+            path = moe_dispatcher
+            if not cuda and moe_dispatcher == "alltoall":
+                path = "allgather"
+                reason = f"{why}; allgather token dispatcher (alltoall needs CUDA streams)"
+            else:
+                reason = f"{why}; {moe_dispatcher} token dispatcher"
+        elif letter == "G" and not (cuda and have_module("fla")):
+            missing = "a CUDA GPU" if not cuda else "flash-linear-attention"
+            raise SpecError(
+                f"G layers {_numbers(layout, 'G')} cannot be built here: Megatron's Gated "
+                f"DeltaNet runs flash-linear-attention's Triton kernels, which need {missing}. "
+                "Install it on a GPU machine (pip install flash-linear-attention) or remove G "
+                "from the pattern.")
+        families[letter] = FamilyBuild(letter, FAMILIES[letter], requested, built, path, reason)
+    return BackendPlan(requested=requested, built=built, cuda=cuda, families=families)
+
+
+def _numbers(layout: Layout, letter: str) -> str:
+    main = list(layout.positions(letter))
+    mtp = [f"mtp{layer.mtp_part}:{layer.number}" for layer in layout.mtp_layers
+           if layer.letter == letter]
+    return ", ".join([*map(str, main), *mtp])

@@ -1,0 +1,124 @@
+"""Pieces shared by the project's own mixers (M and R): tensor-parallel-invariant
+initialisation, the causal depthwise convolution, the per-group RMS norm and checkpoint
+sharding of per-head parameters.
+
+Initialisation draws every parameter at its *full* (unsharded) size from the CPU generator
+and keeps this rank's slice, as Megatron's ``use_cpu_initialization`` does for its linears.
+The seeded model is then the same function at any tensor-parallel size, which is what the
+TP tests check, and nothing depends on the CUDA RNG tracker (absent on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+
+def param_device(config) -> torch.device:
+    """Where parameters are created: CPU for ``use_cpu_initialization`` or no CUDA."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def rank_slice(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's contiguous share of ``full`` along dim 0."""
+    return full.chunk(size, dim=0)[rank]
+
+
+def local_parts(parts: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
+    """Concatenate this rank's share of each logical part (e.g. x | B | C of a conv).
+
+    Megatron's fused projections are laid out per rank as [part1_local | part2_local | ...],
+    so a parameter spanning several parts is sliced part by part, never as one block.
+    """
+    return torch.cat([rank_slice(part, rank, size) for part in parts], dim=0)
+
+
+def new_parameter(local: torch.Tensor, config, dtype: torch.dtype | None = None):
+    """A tensor-parallel parameter (split along dim 0) on the configured device."""
+    param = torch.nn.Parameter(
+        local.to(device=param_device(config), dtype=dtype or config.params_dtype).contiguous()
+    )
+    param.tensor_model_parallel = True
+    param.partition_dim = 0
+    param.partition_stride = 1
+    return param
+
+
+def init_fused_projection(linear, part_sizes: list[int], config, rank: int, size: int) -> None:
+    """Re-draw a column-parallel projection that packs several parts (q | k | v | ...).
+
+    Megatron's CPU initialisation draws the full weight and gives each rank a contiguous
+    block of rows, but a fused projection is laid out per rank as [part1_local | part2_local
+    | ...]. Drawing the full weight in logical order and slicing part by part keeps the model
+    the same function at every tensor-parallel size. Only for ``use_cpu_initialization``
+    (GPU initialisation in Megatron is per rank anyway).
+    """
+    if not (config.use_cpu_initialization and config.perform_initialization):
+        return
+    full = torch.empty(sum(part_sizes), linear.weight.shape[1], dtype=torch.float32)
+    config.init_method(full)
+    local = local_parts(list(full.split(part_sizes)), rank, size)
+    with torch.no_grad():
+        linear.weight.copy_(local)
+
+
+def conv_init(channels: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's default Conv1d initialisation for a depthwise kernel (as Megatron's Mamba)."""
+    bound = 1.0 / math.sqrt(width)
+    weight = torch.empty(channels, 1, width).uniform_(-bound, bound)
+    bias = torch.empty(channels).uniform_(-bound, bound)
+    return weight, bias
+
+
+def dt_bias_init(heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4):
+    """Bias whose softplus is log-uniform in [dt_min, dt_max] (Mamba's initialisation)."""
+    log_dt = torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = torch.exp(log_dt).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """``x [b, l, c]`` convolved causally per channel with ``weight [c, 1, w]``."""
+    width = weight.shape[-1]
+    out = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight, bias, groups=x.shape[-1])
+    return out.transpose(1, 2)
+
+
+def grouped_rms_norm(x: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float):
+    """RMS norm over consecutive groups of ``group_size`` channels, computed in float32."""
+    shape = x.shape
+    grouped = x.float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return grouped.reshape(shape) * weight.float()
+
+
+def mixer_sharded_state_dict(module, prefix, sharded_offsets, metadata, tp_params):
+    """Checkpoint sharding for a mixer: ``tp_params`` are split along dim 0 across TP ranks;
+    submodules (the TP linears) shard themselves."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    state: dict = {}
+    module._save_to_state_dict(state, "", keep_vars=True)
+    sharded = make_sharded_tensors_for_checkpoint(
+        state,
+        prefix,
+        tensor_parallel_layers_axis_map=dict.fromkeys(tp_params, 0),
+        sharded_offsets=sharded_offsets,
+        tp_group=module.tp_group,
+        dp_cp_group=metadata["dp_cp_group"],
+    )
+    for name, child in module.named_children():
+        sharded.update(
+            sharded_state_dict_default(
+                child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=module.tp_group
+            )
+        )
+    return sharded

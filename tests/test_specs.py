@@ -1,0 +1,135 @@
+"""Spec structure for every block family and backend, and the backend dispatcher's rules."""
+
+import pytest
+from megatron.core.ssm.mamba_layer import MambaLayer
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
+
+from megacpp_mcore.backend import FamilyBuild, resolve_backend
+from megacpp_mcore.errors import SpecError
+from megacpp_mcore.layers.m2rnn import RecurrentMixer
+from megacpp_mcore.layers.mamba2 import Mamba2Mixer
+from megacpp_mcore.layers.norm import LocalNorm
+from megacpp_mcore.layers.sdpa import SDPACoreAttention
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
+from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_SYMBOLS, megatron_pattern
+from tests.conftest import tiny_model_config
+
+ALL_BUT_G = parse_pattern("AEMFR")
+
+
+def _plan(built: str, layout=ALL_BUT_G):
+    """A plan as the dispatcher would make it on a GPU machine with everything installed."""
+    from megacpp_mcore.backend import BackendPlan
+
+    paths = {"M": "fused", "R": "fused", "E": "alltoall"}
+    families = {
+        letter: FamilyBuild(letter, "x", built, built, paths.get(letter), "test")
+        for letter in "AEMFRG" if layout.has(letter)
+    }
+    return BackendPlan(requested=built, built=built, cuda=True, families=families)
+
+
+def test_local_specs():
+    spec = build_stack_spec(ALL_BUT_G, tiny_model_config(), _plan("local"))
+    assert spec.module is MegacppHybridStack
+    assert spec.params["layout_letters"] == "AEMFR"
+    sub = spec.submodules
+    attention = sub.attention_layer
+    assert attention.module is TransformerLayer
+    assert attention.submodules.input_layernorm is LocalNorm
+    self_attention = attention.submodules.self_attention
+    assert self_attention.module is SelfAttention
+    assert self_attention.submodules.core_attention is SDPACoreAttention
+    assert self_attention.submodules.linear_qkv.__name__ == "ColumnParallelLinear"
+    assert sub.moe_layer.module is MoETransformerLayer
+    assert sub.moe_layer.submodules.pre_mlp_layernorm is LocalNorm
+    assert sub.mlp_layer.module is MLPLayer
+    mamba = sub.mamba_layer
+    assert mamba.module is MambaLayer and mamba.submodules.norm is LocalNorm
+    assert mamba.submodules.mixer.module is Mamba2Mixer
+    assert mamba.submodules.mixer.params["path"] == "fused"
+    recurrent = sub.recurrent_layer
+    assert recurrent.module is MambaLayer
+    assert recurrent.submodules.mixer.module is RecurrentMixer
+    assert recurrent.submodules.mixer.params["num_heads"] == 4
+    assert sub.final_norm is LocalNorm
+
+
+def test_te_specs_use_transformer_engine_modules():
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+    )
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    layout = parse_pattern("AEMFRG")
+    sub = build_stack_spec(layout, tiny_model_config(), _plan("te", layout)).submodules
+    upstream = hybrid_stack_spec.submodules
+    assert sub.attention_layer is upstream.attention_layer  # stock Megatron's own spec
+    assert sub.mlp_layer is upstream.mlp_layer
+    assert sub.gdn_layer is upstream.gdn_layer
+    core = sub.attention_layer.submodules.self_attention.submodules.core_attention
+    assert core is TEDotProductAttention
+    assert sub.moe_layer.submodules.pre_mlp_layernorm is TENorm
+    mixer = sub.mamba_layer.submodules.mixer
+    assert mixer.submodules.in_proj is TELayerNormColumnParallelLinear
+    assert sub.recurrent_layer.submodules.mixer.submodules.in_proj is (
+        TELayerNormColumnParallelLinear)
+    assert sub.final_norm is TENorm
+
+
+def test_unused_families_stay_empty():
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    sub = build_stack_spec(parse_pattern("MF"), tiny_model_config(), _plan("local")).submodules
+    assert sub.attention_layer is IdentityOp and sub.recurrent_layer is IdentityOp
+
+
+def test_plugin_pattern_encoding():
+    layout = parse_pattern("AEM|FRG/MA")
+    assert megatron_pattern(layout, PLUGIN_SYMBOLS) == "*EM|-GG/M*"
+    with pytest.raises(KeyError):
+        megatron_pattern(layout, NATIVE_SYMBOLS)
+
+
+def test_r_in_mtp_is_refused():
+    layout = parse_pattern("AEMR/RA")
+    with pytest.raises(SpecError, match="R in multi-token-prediction"):
+        build_stack_spec(layout, tiny_model_config(), _plan("local", layout))
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+def test_auto_on_cpu_builds_local_reference_paths():
+    plan = resolve_backend("auto", parse_pattern("AEMFR"), cuda=False)
+    assert plan.built == "local"
+    assert plan.path("M") == "reference" and plan.path("R") == "reference"
+    assert plan.path("E") == "allgather"  # alltoall needs CUDA streams
+    record = plan.record()
+    assert record["families"]["M"]["requested"] == "auto"
+    assert record["families"]["M"]["built"] == "local"
+    assert "no CUDA" in record["families"]["R"]["reason"]
+
+
+def test_te_needs_cuda():
+    with pytest.raises(SpecError, match="backend te needs Transformer Engine and a CUDA GPU"):
+        resolve_backend("te", ALL_BUT_G, cuda=False)
+
+
+def test_unknown_backend():
+    with pytest.raises(SpecError, match="accepted: auto, te, local"):
+        resolve_backend("fast", ALL_BUT_G)
+
+
+def test_g_fails_closed_naming_layers():
+    layout = parse_pattern("AGMG/GA")
+    with pytest.raises(SpecError) as info:
+        resolve_backend("auto", layout, cuda=False)
+    message = str(info.value)
+    assert "G layers 2, 4, mtp1:1" in message
+    assert "flash-linear-attention" in message
