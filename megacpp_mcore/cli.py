@@ -16,6 +16,7 @@ from megacpp_mcore.data import add_data_subcommand
 from megacpp_mcore.errors import MegacppError
 from megacpp_mcore.receipt import add_receipt_subcommand
 from megacpp_mcore.recipe import add_recipe_subcommand
+from megacpp_mcore.train import add_train_subcommand
 from megacpp_mcore.translate import add_translate_subcommand
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -74,7 +75,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pattern,
     add_data_subcommand,
     add_receipt_subcommand,
-    add_recipe_subcommand, add_translate_subcommand,
+    add_recipe_subcommand,
+    add_translate_subcommand,
+    add_train_subcommand,
 ]
 
 
@@ -92,7 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first '--' passes through unchanged (e.g. Megatron flags for
+    # `megacpp train RECIPE -- --save DIR`); only subcommands that accept it may get it.
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough and not getattr(args, "accepts_passthrough", False):
+        parser.error(f"'megacpp {args.command}' takes no arguments after '--'")
+    args.megatron_args = passthrough
     handler: Handler = args.handler
     try:
         return handler(args) or 0

@@ -496,6 +496,25 @@ class Receipt:
         self.data["run"]["status"] = status
         self.write()
 
+    def resume(self, step: int, command_line: Sequence[str] | None = None) -> None:
+        """Continue this receipt in a run resumed from a checkpoint at ``step``.
+
+        Intervals past ``step`` (logged after the checkpoint by the interrupted run) are
+        dropped, since the resumed run recomputes them; the status returns to ``running``
+        and the resumption is listed under ``run.resumes``.
+        """
+        self.data["intervals"] = [iv for iv in self.data["intervals"] if iv["step"] <= step]
+        self.data["run"]["status"] = "running"
+        self.data["run"]["end_time"] = None
+        self.data["run"].setdefault("resumes", []).append({
+            "step": int(step),
+            "time": _now_iso(),
+            "command_line": list(command_line if command_line is not None else sys.argv),
+        })
+        last_time = max((iv.get("time_s") or 0.0 for iv in self.data["intervals"]), default=0.0)
+        self._t0 = time.monotonic() - last_time
+        self.write()
+
     @contextlib.contextmanager
     def guard(self) -> Iterator[Receipt]:
         """Finish the receipt however the block ends: ``completed`` on normal exit,

@@ -505,6 +505,10 @@ def translate(recipe: Recipe, target: str = "native",
               reason="what the recipe asked for, recorded next to what ran")
     for flag, reason in APEX_FREE_FLAGS.items():
         f.add(flag, reason=reason)
+    f.add("--no-create-attention-mask-in-dataloader",
+          reason="every layer is causal and its attention core applies the causal mask itself "
+          "(TE and SDPA ignore a dataloader mask for causal layers); building an [s, s] mask "
+          "per sample would only cost memory and time")
 
     # ---- schedule and optimizer
     f.add("--micro-batch-size", train.micro_batch_size, source="training.micro_batch_size")

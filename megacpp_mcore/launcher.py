@@ -1,0 +1,311 @@
+"""The GPU training path: Megatron-LM's own ``pretrain`` with this plugin's model and receipts.
+
+``scripts/pretrain_nam.py`` runs :func:`main` under torchrun with the flags of
+``megacpp translate --target plugin``. The flow is Megatron's (megatron-core 0.19.2):
+``parse_and_validate_args`` with the plugin's ``extra_args_provider``,
+``hybrid_config_from_args`` (whose ``--spec`` is the plugin's stack spec, so Megatron's own
+HybridModel builder builds every layer through this project's specs), then
+``pretrain_cfg_container_from_args`` and ``pretrain``. The wheel ships no dataset provider or
+forward step; the ~60 lines below are those, for Megatron's GPT datasets (indexed or mock).
+
+Receipts: a global optimizer step post-hook (a public torch API, so nothing in Megatron is
+patched) fires inside Megatron's optimizer step once per iteration and feeds the
+:class:`~megacpp_mcore.meter.IntervalMeter`; the loss comes from the loss function below,
+aux losses from Megatron's MoE tracker. Checkpoints are Megatron's (``--save``/``--load``);
+a resumed run continues its receipt.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from megacpp_mcore import compat
+from megacpp_mcore.errors import MegacppError
+from megacpp_mcore.megatron_args import add_megacpp_args
+from megacpp_mcore.meter import IntervalMeter, moe_aux_losses
+from megacpp_mcore.receipt import Receipt, load_receipt
+
+#: the tracker of this process (set by main); the forward step and hooks report into it.
+TRACKER: RunTracker | None = None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def dataset_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron GPT datasets (indexed ``--data-path``, or mock data when there is none), built
+    on every rank (``is_distributed``), so each tensor-parallel rank reads the same batch
+    itself instead of receiving a broadcast."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.utils import get_blend_from_list
+    from megatron.training import get_args, get_tokenizer
+
+    args = get_args()
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=get_blend_from_list(args.data_path),
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples, lambda: True, config
+    ).build()
+
+
+dataset_provider.is_distributed = True
+
+
+# --------------------------------------------------------------------------- step
+
+
+def loss_func(loss_mask: torch.Tensor, training: bool, output_tensor: torch.Tensor):
+    """Summed token loss, token count and Megatron's reporting pair (per-token averaging).
+    Training micro-batches also go to the receipt (validation ones do not)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    if training and TRACKER is not None:
+        TRACKER.meter.add_loss(loss_sum, num_tokens)
+    report = torch.cat([loss_sum.detach().view(1), num_tokens.view(1).float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """One micro-batch: read it (timed as data wait), run the model, return the loss."""
+    if TRACKER is not None:
+        TRACKER.ensure_started()
+    started = time.perf_counter()
+    batch = next(data_iterator)
+    if TRACKER is not None and model.training:
+        TRACKER.meter.goodput.add("data_wait", time.perf_counter() - started)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"], model.training)
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+class RunTracker:
+    """Per-process training telemetry; rank 0 of the last pipeline stage writes the receipt."""
+
+    def __init__(self, args) -> None:
+        from megacpp_mcore.layout import parse_pattern
+
+        self.args = args
+        self.layout = parse_pattern(args.megacpp_pattern) if args.megacpp_pattern else None
+        self.meter: IntervalMeter | None = None
+        self.writer = False
+        self._lead_optimizer: int | None = None
+        self._checkpoint_seen = 0.0
+
+    def ensure_started(self) -> None:
+        """At the first training micro-batch (Megatron's groups and the model exist by then),
+        create the meter and (on the writing rank) create or continue the receipt."""
+        if self.meter is not None:
+            return
+        from megatron.core import parallel_state
+
+        from megacpp_mcore.flops import model_flops_per_token, peak_tflops
+        from megacpp_mcore.specs.stack import megacpp_stack_spec
+
+        args = self.args
+        first_step = args.curr_iteration + 1
+        self.writer = (
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
+        self.num_microbatches = args.global_batch_size // (
+            args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+        world = torch.distributed.get_world_size()
+        model_config = None
+        if self.layout is not None:
+            from megacpp_mcore.megatron_args import model_config_from_args
+
+            model_config = model_config_from_args(args)
+        flops = model_flops_per_token(self.layout, model_config) if model_config else 0.0
+        peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        record = megacpp_stack_spec.params.get("backend_record", {}) if self.layout else {}
+        receipt = None
+        if self.writer:
+            receipt = self._open_receipt(first_step, record, flops, peak, world)
+        self.meter = IntervalMeter(
+            receipt if receipt is not None else _NullReceipt(),
+            tokens_per_step=args.global_batch_size * args.seq_length,
+            flops_per_token=flops,
+            num_gpus=world,
+            peak_tflops=peak,
+            log_interval=args.log_interval,
+            print_fn=print if self.writer else None,
+        )
+
+    def _open_receipt(self, first_step, record, flops, peak, world) -> Receipt:
+        args = self.args
+        target = Path(args.megacpp_receipt or "runs/")
+        resume_step = first_step - 1
+        if resume_step > 0:
+            previous = _receipt_to_continue(target, args.megacpp_recipe_hash, resume_step)
+            if previous is not None:
+                previous.resume(resume_step)
+                print(f"continuing receipt {previous.path} from step {resume_step}")
+                return previous
+        families = record.get("families", {})
+        return Receipt.create(
+            None if str(args.megacpp_receipt or "").endswith("/") or target.is_dir() else target,
+            receipt_dir=target,
+            recipe_name=Path(args.megacpp_recipe).stem if args.megacpp_recipe else None,
+            recipe_hash=args.megacpp_recipe_hash,
+            layout=self.layout,
+            backends={letter: {"requested": fb["requested"], "observed": fb}
+                      for letter, fb in families.items()},
+            parallel={"tensor": args.tensor_model_parallel_size,
+                      "pipeline": args.pipeline_model_parallel_size,
+                      "expert": args.expert_model_parallel_size,
+                      "context": args.context_parallel_size,
+                      "data": args.data_parallel_size, "world": world,
+                      "sequence_parallel": args.sequence_parallel},
+            model={"flops_per_token": flops, "peak_tflops": peak,
+                   "training_path": "gpu: Megatron pretrain"},
+            notes={"train_iters": args.train_iters, "save": args.save, "load": args.load,
+                   "resumed_from_step": resume_step or None},
+        )
+
+    def on_optimizer_step(self, optimizer, *_args, **_kwargs) -> None:
+        """Global torch optimizer post-hook: once per iteration (the first inner optimizer)."""
+        if self._lead_optimizer is None:
+            self._lead_optimizer = id(optimizer)
+        if id(optimizer) != self._lead_optimizer:
+            return
+        step = self.args.curr_iteration + 1
+        self.ensure_started()
+        self.meter.add_aux(moe_aux_losses(self.num_microbatches, clear=False))
+        self._account_checkpoints()
+        if step % self.args.log_interval == 0:
+            self._reduce_loss_across_data_parallel()
+        self.meter.step_done(step, optimizer.param_groups[0]["lr"])
+
+    def _reduce_loss_across_data_parallel(self) -> None:
+        from megatron.core import parallel_state
+
+        meter = self.meter
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pair = torch.stack([torch.as_tensor(meter._loss_sum, dtype=torch.float32),
+                            torch.as_tensor(meter._loss_tokens, dtype=torch.float32)]).to(device)
+        torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group())
+        meter._loss_sum, meter._loss_tokens = pair[0], pair[1]
+
+    def _account_checkpoints(self) -> None:
+        """Move time Megatron's 'save-checkpoint' timer measured into the checkpoint bucket."""
+        from megatron.training import get_timers
+
+        timers = get_timers()
+        timer = getattr(timers, "_timers", {}).get("save-checkpoint")
+        if timer is None:
+            return
+        total = timer.elapsed(reset=False)
+        if total > self._checkpoint_seen:
+            self.meter.goodput.add("checkpoint", total - self._checkpoint_seen)
+            self._checkpoint_seen = total
+
+    def finish(self, status: str) -> None:
+        if self.meter is not None and self.writer:
+            self.meter.receipt.finish(status)
+            print(f"receipt: {self.meter.receipt.path} ({status})")
+
+
+class _NullReceipt:
+    """Stands in for the receipt on ranks that do not write one."""
+
+    path = None
+
+    def log_interval(self, step, **fields):
+        return {"step": step, "aux_losses": {}, **fields}
+
+
+def _receipt_to_continue(target: Path, recipe_hash: str | None, resume_step: int):
+    """The receipt a resumed run continues: ``target`` itself if it is a file, else the
+    newest receipt in the folder for the same recipe that got at least to ``resume_step``."""
+    if target.is_file():
+        return load_receipt(target)
+    if not target.is_dir():
+        return None
+    candidates = []
+    for path in target.glob("*.json"):
+        try:
+            receipt = load_receipt(path)
+        except MegacppError:
+            continue
+        steps = [iv["step"] for iv in receipt.intervals]
+        if receipt.data["recipe"].get("hash") == recipe_hash and steps and max(
+                steps) >= resume_step:
+            candidates.append((path.stat().st_mtime, receipt))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> int:
+    """Parse Megatron's args (plugin flags included) and run Megatron's pretrain."""
+    global TRACKER
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import (
+        hybrid_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megacpp_mcore.data import prepare_embedded
+
+    compat.use_shipped_dataset_helpers()
+    args = parse_and_validate_args(extra_args_provider=add_megacpp_args)
+    if args.megacpp_data == "embedded" and not args.data_path:
+        args.data_path = [str(prepare_embedded())]
+    if args.context_parallel_size != 1:
+        raise MegacppError("the plugin launcher does not split batches for context "
+                           "parallelism yet (context parallel size must be 1)")
+    model_config = hybrid_config_from_args(args)
+    config = pretrain_cfg_container_from_args(args, model_config)
+
+    TRACKER = RunTracker(args)
+    handle = register_optimizer_step_post_hook(TRACKER.on_optimizer_step)
+    status = "completed"
+    try:
+        pretrain(config, dataset_provider, ModelType.encoder_or_decoder, forward_step)
+    except SystemExit as err:  # Megatron exits normally at --exit-interval / --exit-duration
+        status = "completed" if err.code in (None, 0) else f"failed: exit code {err.code}"
+        raise
+    except BaseException as err:
+        status = ("interrupted" if isinstance(err, KeyboardInterrupt)
+                  else f"failed: {type(err).__name__}: {err}"[:500])
+        raise
+    finally:
+        TRACKER.finish(status)
+        handle.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Training paths on CPU: the CPU main job, the LR schedule, the Megatron launcher's data,
+step and receipt wiring (driven here by a hand-written stand-in for Megatron's loop, since
+Megatron's pretrain needs CUDA), and the train command."""
+
+import math
+
+import pytest
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.training.argument_utils import hybrid_config_from_args
+from megatron.training.models.hybrid import HybridModelBuilder
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from megacpp_mcore import compat, launcher
+from megacpp_mcore.cli import main
+from megacpp_mcore.config import TrainingConfig
+from megacpp_mcore.cpu_support import adapt_model_for_cpu
+from megacpp_mcore.cpu_train import lr_at, train_on_cpu
+from megacpp_mcore.data import prepare_embedded
+from megacpp_mcore.receipt import load_receipt
+from megacpp_mcore.recipe import load_recipe
+from megacpp_mcore.translate import translate
+from tests.megatron_helpers import parsed_megatron_args
+
+pytestmark = pytest.mark.filterwarnings("ignore:'type' is deprecated:DeprecationWarning")
+SMALL = ["model.seq_length=64", "training.micro_batch_size=2", "training.global_batch_size=4",
+         "training.log_interval=5", "training.lr_warmup_iters=3"]
+
+
+def test_lr_schedule():
+    training = TrainingConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=4, train_iters=14)
+    assert [lr_at(s, training) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, training) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(14, training) == pytest.approx(0.1)
+    constant = TrainingConfig(lr=1.0, lr_warmup_iters=0, lr_decay_style="constant")
+    assert lr_at(50, constant) == 1.0
+
+
+def test_cpu_main_job_trains_on_embedded_text(tmp_path):
+    recipe = load_recipe("tiny", [*SMALL, "training.train_iters=20"])
+    receipt = train_on_cpu(recipe, receipt_path=tmp_path / "run.json", print_fn=None)
+    data = load_receipt(tmp_path / "run.json").data
+    assert data["run"]["status"] == "completed"
+    assert [iv["step"] for iv in data["intervals"]] == [5, 10, 15, 20]
+    losses = [iv["loss"] for iv in data["intervals"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert data["intervals"][0]["warmup"] and not data["intervals"][1]["warmup"]
+    assert "load_balancing_loss" in data["intervals"][-1]["aux_losses"]
+    assert data["backends"]["R"]["observed"]["path"] == "reference"
+    assert data["model"]["training_path"].startswith("cpu:")
+    assert data["model"]["flops_per_token"] > 0
+    goodput = data["intervals"][-1]["goodput"]["buckets"]
+    assert goodput["compute"] > 0 and goodput["data_wait"] > 0
+    assert goodput["warmup_compile"] > 0
+    assert data["recipe"] == {"name": "tiny", "hash": recipe.recipe_hash}
+    assert receipt.path == tmp_path / "run.json"
+
+
+def test_train_command_on_cpu(tmp_path, capsys):
+    overrides = [token for setting in SMALL for token in ("--set", setting)]
+    code = main(["train", "tiny", "--device", "cpu", "--train-iters", "5",
+                 "--receipt", str(tmp_path / "r.json"), *overrides])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "training on the CPU path" in out
+    assert f"receipt: {tmp_path / 'r.json'}" in out and "status completed" in out
+    with pytest.raises(SystemExit):
+        main(["pattern", "nam56r", "--", "--save", "x"])
+    assert main(["train", "tiny", "--device", "cpu", "--", "--save", "x"]) == 2
+
+
+def _drive(args, model, iterations, first_iteration=0):
+    """What Megatron's train loop does around our hooks: set curr_iteration, run the
+    micro-batches through forward_step/loss_func, step the optimizer."""
+    train, _, _ = launcher.dataset_provider([64, 0, 0])
+    loader = iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    launcher.TRACKER = launcher.RunTracker(args)
+    handle = register_optimizer_step_post_hook(launcher.TRACKER.on_optimizer_step)
+    try:
+        for iteration in range(first_iteration, first_iteration + iterations):
+            args.curr_iteration = iteration
+            for _ in range(2):
+                output, loss = launcher.forward_step(loader, model)
+                loss_sum, tokens, report = loss(output)
+                (loss_sum / tokens / 2).backward()
+                assert report["lm loss"].shape == (2,)
+            optimizer.step()
+            optimizer.zero_grad()
+        launcher.TRACKER.finish("completed")
+    finally:
+        handle.remove()
+        launcher.TRACKER = None
+
+
+def test_launcher_wiring_writes_and_continues_the_receipt(megatron_single_process, tmp_path):
+    compat.use_shipped_dataset_helpers()
+    recipe = load_recipe("tiny", [*SMALL, "backend=local"])
+    receipt = tmp_path / "gpu.json"
+    extra = ["--use-cpu-initialization", "--megacpp-receipt", str(receipt)]
+    with parsed_megatron_args(translate(recipe, "plugin"), extra) as args:
+        args.data_path = [str(prepare_embedded())]
+        model = HybridModelBuilder(hybrid_config_from_args(args)).build_model(
+            ProcessGroupCollection.use_mpu_process_groups())
+        adapt_model_for_cpu(model)
+        _drive(args, model, iterations=10)
+        first = load_receipt(receipt).data
+        assert [iv["step"] for iv in first["intervals"]] == [5, 10]
+        assert first["run"]["status"] == "completed"
+        assert first["backends"]["M"]["observed"]["built"] == "local"
+        assert all(math.isfinite(iv["loss"]) for iv in first["intervals"])
+        assert first["parallel"]["tensor"] == 1
+        # a run resumed from a checkpoint at step 5 continues the same receipt
+        _drive(args, model, iterations=5, first_iteration=5)
+    resumed = load_receipt(receipt).data
+    assert [iv["step"] for iv in resumed["intervals"]] == [5, 10]
+    assert resumed["run"]["resumes"][0]["step"] == 5
+    assert resumed["intervals"][1]["warmup"]  # the first interval after a restart
