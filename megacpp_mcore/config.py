@@ -1,7 +1,7 @@
 """Typed settings: the vocabulary shared by recipes, the spec builder and the translator.
 
 Every section is a frozen dataclass; each field is documented once, here, in the class
-docstring's ``Attributes`` list (recipes and ``megacpp recipe --describe`` read it from
+docstring's ``Attributes`` list (recipes and ``megacpp recipe describe`` read it from
 there). Pure Python: nothing here imports torch or Megatron. Cross-field rules that need
 the layout or the parallel sizes live in ``recipe.py`` (for recipes) and ``model.py`` (for
 what the model builder itself must refuse).

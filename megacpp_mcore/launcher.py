@@ -91,6 +91,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """One micro-batch: read it (timed as data wait), run the model, return the loss."""
     if TRACKER is not None:
         TRACKER.ensure_started()
+        if model.training:
+            TRACKER.account_gap()
     started = time.perf_counter()
     batch = next(data_iterator)
     if TRACKER is not None and model.training:
@@ -117,7 +119,7 @@ class RunTracker:
         self.meter: IntervalMeter | None = None
         self.writer = False
         self._lead_optimizer: int | None = None
-        self._checkpoint_seen = 0.0
+        self._last_step: tuple[int, float] | None = None
 
     def ensure_started(self) -> None:
         """At the first training micro-batch (Megatron's groups and the model exist by then),
@@ -200,10 +202,10 @@ class RunTracker:
         step = self.args.curr_iteration + 1
         self.ensure_started()
         self.meter.add_aux(moe_aux_losses(self.num_microbatches, clear=False))
-        self._account_checkpoints()
         if step % self.args.log_interval == 0:
             self._reduce_loss_across_data_parallel()
         self.meter.step_done(step, optimizer.param_groups[0]["lr"])
+        self._last_step = (step, time.perf_counter())
 
     def _reduce_loss_across_data_parallel(self) -> None:
         from megatron.core import parallel_state
@@ -215,18 +217,17 @@ class RunTracker:
         torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group())
         meter._loss_sum, meter._loss_tokens = pair[0], pair[1]
 
-    def _account_checkpoints(self) -> None:
-        """Move time Megatron's 'save-checkpoint' timer measured into the checkpoint bucket."""
-        from megatron.training import get_timers
-
-        timers = get_timers()
-        timer = getattr(timers, "_timers", {}).get("save-checkpoint")
-        if timer is None:
+    def account_gap(self) -> None:
+        """At the first micro-batch after an optimizer step: Megatron spent the time since
+        then on logging and, after a save step, on writing the checkpoint; the latter goes to
+        the checkpoint bucket (the rest stays unclaimed, i.e. "other")."""
+        if self._last_step is None:
             return
-        total = timer.elapsed(reset=False)
-        if total > self._checkpoint_seen:
-            self.meter.goodput.add("checkpoint", total - self._checkpoint_seen)
-            self._checkpoint_seen = total
+        step, ended = self._last_step
+        self._last_step = None
+        args = self.args
+        if args.save and args.save_interval and step % args.save_interval == 0:
+            self.meter.goodput.add("checkpoint", time.perf_counter() - ended)
 
     def finish(self, status: str) -> None:
         if self.meter is not None and self.writer:

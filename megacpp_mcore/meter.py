@@ -20,13 +20,27 @@ from megacpp_mcore.receipt import Goodput, Receipt
 
 def moe_aux_losses(num_microbatches: int, clear: bool) -> dict[str, float]:
     """Megatron's tracked MoE losses for the last step: per name, the mean over the MoE
-    layers that recorded one and over micro-batches (as Megatron's own log reports them)."""
+    layers that recorded one and over micro-batches, reduced across ranks the way Megatron's
+    own log reduces them (pipeline stages summed, the entry's reduce group summed, its
+    average group and data parallel averaged), on a copy so Megatron's log is unchanged.
+    Every rank must call it at the same step (it runs collectives)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     tracker = get_moe_metrics_tracker()
     losses = {}
-    for name, entry in tracker.metrics.items():
-        values = entry.values.detach().float()
+    for name, entry in sorted(tracker.metrics.items()):
+        values = entry.values.detach().float().clone()
+        if dist.is_initialized():
+            dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+            if entry.reduce_group is not None:
+                dist.all_reduce(values, group=entry.reduce_group)
+            if entry.avg_group is not None:
+                dist.all_reduce(values, group=entry.avg_group, op=dist.ReduceOp.AVG)
+            if entry.needs_dp_avg:
+                dist.all_reduce(values, op=dist.ReduceOp.AVG,
+                                group=parallel_state.get_data_parallel_group())
         layers = int((values != 0).sum().item())
         if layers:
             losses[name] = values.sum().item() / layers / max(1, num_microbatches)

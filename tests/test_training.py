@@ -3,6 +3,7 @@ step and receipt wiring (driven here by a hand-written stand-in for Megatron's l
 Megatron's pretrain needs CUDA), and the train command."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -87,6 +88,8 @@ def _drive(args, model, iterations, first_iteration=0):
                 assert report["lm loss"].shape == (2,)
             optimizer.step()
             optimizer.zero_grad()
+            if args.save and (iteration + 1) % args.save_interval == 0:
+                time.sleep(0.2)  # stands in for Megatron writing a checkpoint
         launcher.TRACKER.finish("completed")
     finally:
         handle.remove()
@@ -97,7 +100,8 @@ def test_launcher_wiring_writes_and_continues_the_receipt(megatron_single_proces
     compat.use_shipped_dataset_helpers()
     recipe = load_recipe("tiny", [*SMALL, "backend=local"])
     receipt = tmp_path / "gpu.json"
-    extra = ["--use-cpu-initialization", "--megacpp-receipt", str(receipt)]
+    extra = ["--use-cpu-initialization", "--megacpp-receipt", str(receipt),
+             "--save", str(tmp_path / "ckpt"), "--save-interval", "3"]
     with parsed_megatron_args(translate(recipe, "plugin"), extra) as args:
         args.data_path = [str(prepare_embedded())]
         model = HybridModelBuilder(hybrid_config_from_args(args)).build_model(
@@ -110,6 +114,8 @@ def test_launcher_wiring_writes_and_continues_the_receipt(megatron_single_proces
         assert first["backends"]["M"]["observed"]["built"] == "local"
         assert all(math.isfinite(iv["loss"]) for iv in first["intervals"])
         assert first["parallel"]["tensor"] == 1
+        buckets = first["intervals"][-1]["goodput"]["buckets"]
+        assert 0.6 <= buckets["checkpoint"] < 1.0  # saves after steps 3 and 6 and 9
         # a run resumed from a checkpoint at step 5 continues the same receipt
         _drive(args, model, iterations=5, first_iteration=5)
     resumed = load_receipt(receipt).data
