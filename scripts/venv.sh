@@ -11,15 +11,21 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
 
+usable() {  # a Python that really runs and is >= 3.12 (a pyenv shim may exist but fail)
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
+}
+
 find_python() {
     local candidate
     for candidate in python3.12 python3.13; do
-        if command -v "$candidate" >/dev/null 2>&1; then command -v "$candidate"; return 0; fi
+        if command -v "$candidate" >/dev/null 2>&1 && usable "$(command -v "$candidate")"; then
+            command -v "$candidate"; return 0
+        fi
     done
     local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
     if command -v pyenv >/dev/null 2>&1; then pyenv_root=$(pyenv root); fi
     candidate=$(ls -d "$pyenv_root"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -n 1 || true)
-    if [[ -n "$candidate" && -x "$candidate" ]]; then echo "$candidate"; return 0; fi
+    if [[ -n "$candidate" ]] && usable "$candidate"; then echo "$candidate"; return 0; fi
     return 1
 }
 

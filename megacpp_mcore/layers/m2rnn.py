@@ -23,18 +23,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
 
 from megacpp_mcore.layers.mixer_common import (
     causal_depthwise_conv,
     conv_init,
     dt_bias_init,
     grouped_rms_norm,
-    init_fused_projection,
+    in_projection,
     local_parts,
     mixer_sharded_state_dict,
     new_parameter,
+    out_projection,
     rank_slice,
+    refuse_non_training_inputs,
 )
 from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan
 
@@ -87,21 +88,8 @@ class RecurrentMixer(MegatronModule):
         self.backward_chunk = backward_chunk
         H, K, V = num_heads, k_head_dim, v_head_dim
 
-        self.in_proj = build_module(
-            submodules.in_proj,
-            d_model,
-            H * (2 * K + 2 * V + 1),
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="fc1",
-            tp_group=self.tp_group,
-        )
-        init_fused_projection(self.in_proj, [H * K, H * K, H * V, H * V, H], config, tp_rank,
-                              tp_size)
+        self.in_proj = in_projection(submodules.in_proj, d_model,
+                                     [H * K, H * K, H * V, H * V, H], config, self.tp_group)
         q_w, q_b = conv_init(H * K, conv_kernel)
         k_w, k_b = conv_init(H * K, conv_kernel)
         v_w, v_b = conv_init(H * V, conv_kernel)
@@ -116,26 +104,12 @@ class RecurrentMixer(MegatronModule):
             torch.eye(V).expand(self.heads_local, V, V), config, dtype=torch.float32
         )
         self.norm_weight = new_parameter(torch.ones(self.heads_local * V), config)
-        self.out_proj = build_module(
-            submodules.out_proj,
-            H * V,
-            d_model,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
+        self.out_proj = out_projection(submodules.out_proj, H * V, d_model, config,
+                                       self.tp_group)
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
                 packed_seq_params=None):
-        if inference_context is not None or inference_params is not None:
-            raise NotImplementedError("the R mixer has no inference cache yet (training only)")
-        if packed_seq_params is not None:
-            raise NotImplementedError("the R mixer does not support packed sequences yet")
+        refuse_non_training_inputs("R", inference_context, inference_params, packed_seq_params)
         projected, _ = self.in_proj(hidden_states)  # [l, b, d]
         y = self.mix(projected.transpose(0, 1))
         return self.out_proj(y.transpose(0, 1).contiguous())

@@ -19,18 +19,19 @@ import torch
 import torch.nn.functional as F
 from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
 
 from megacpp_mcore.layers.mixer_common import (
     causal_depthwise_conv,
     conv_init,
     dt_bias_init,
     grouped_rms_norm,
-    init_fused_projection,
+    in_projection,
     local_parts,
     mixer_sharded_state_dict,
     new_parameter,
+    out_projection,
     rank_slice,
+    refuse_non_training_inputs,
 )
 from megacpp_mcore.ops.ssd import ssd_scan_reference
 
@@ -80,23 +81,11 @@ class Mamba2Mixer(MegatronModule):
         self.d_inner_local = self.d_inner // tp_size
         self.chunk_size = chunk_size
 
-        self.in_proj = build_module(
-            submodules.in_proj,
-            d_model,
-            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="fc1",
-            tp_group=self.tp_group,
-        )
         group_dim = self.ngroups * self.d_state
-        init_fused_projection(
-            self.in_proj, [self.d_inner, self.d_inner, group_dim, group_dim, self.nheads],
-            config, tp_rank, tp_size,
+        self.in_proj = in_projection(
+            submodules.in_proj, d_model,
+            [self.d_inner, self.d_inner, group_dim, group_dim, self.nheads], config,
+            self.tp_group,
         )
         x_w, x_b = conv_init(self.d_inner, conv_kernel)
         b_w, b_b = conv_init(self.ngroups * self.d_state, conv_kernel)
@@ -110,26 +99,12 @@ class Mamba2Mixer(MegatronModule):
                                    dtype=torch.float32)
         self.D = new_parameter(torch.ones(self.nheads_local), config, dtype=torch.float32)
         self.norm_weight = new_parameter(torch.ones(self.d_inner_local), config)
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.d_inner,
-            d_model,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
+        self.out_proj = out_projection(submodules.out_proj, self.d_inner, d_model, config,
+                                       self.tp_group)
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
                 packed_seq_params=None):
-        if inference_context is not None or inference_params is not None:
-            raise NotImplementedError("the M mixer has no inference cache yet (training only)")
-        if packed_seq_params is not None:
-            raise NotImplementedError("the M mixer does not support packed sequences yet")
+        refuse_non_training_inputs("M", inference_context, inference_params, packed_seq_params)
         zxbcdt, _ = self.in_proj(hidden_states)  # [l, b, d]
         zxbcdt = zxbcdt.transpose(0, 1).contiguous()  # [b, l, d]
         y = self._fused(zxbcdt) if self.path == "fused" else self._reference(zxbcdt)

@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
@@ -69,6 +70,36 @@ def init_fused_projection(linear, part_sizes: list[int], config, rank: int, size
     local = local_parts(list(full.split(part_sizes)), rank, size)
     with torch.no_grad():
         linear.weight.copy_(local)
+
+
+def in_projection(spec, d_model: int, part_sizes: list[int], config, tp_group):
+    """The mixer's column-parallel input projection packing ``part_sizes`` (per rank
+    ``[part1_local | part2_local | ...]``), initialised part by part (see above)."""
+    projection = build_module(
+        spec, d_model, sum(part_sizes), config=config, init_method=config.init_method,
+        gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+        tp_comm_buffer_name="fc1", tp_group=tp_group,
+    )
+    init_fused_projection(projection, part_sizes, config, tp_group.rank(), tp_group.size())
+    return projection
+
+
+def out_projection(spec, inner: int, d_model: int, config, tp_group):
+    """The mixer's row-parallel output projection (bias returned separately, as Megatron's)."""
+    return build_module(
+        spec, inner, d_model, config=config, init_method=config.output_layer_init_method,
+        bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
+        tp_comm_buffer_name="fc2", tp_group=tp_group,
+    )
+
+
+def refuse_non_training_inputs(mixer: str, inference_context, inference_params,
+                               packed_seq_params) -> None:
+    """The project's mixers train on whole, unpacked sequences; say so instead of guessing."""
+    if inference_context is not None or inference_params is not None:
+        raise NotImplementedError(f"the {mixer} mixer has no inference cache yet (training only)")
+    if packed_seq_params is not None:
+        raise NotImplementedError(f"the {mixer} mixer does not support packed sequences yet")
 
 
 def conv_init(channels: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,29 +5,14 @@ stock Megatron. ``local``: a torch norm and Megatron's local linears. The mixer'
 (``fused`` mamba-ssm kernels or the ``reference`` PyTorch scan) comes from the dispatcher.
 """
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megacpp_mcore.config import MambaConfig
 from megacpp_mcore.layers.mamba2 import Mamba2Mixer
-from megacpp_mcore.specs.projections import projections
+from megacpp_mcore.specs.projections import mixer_layer_spec
 
 
 def mamba_layer_spec(backend: str, path: str, mamba: MambaConfig) -> ModuleSpec:
-    norm, in_proj, out_proj = projections(backend)
-    return ModuleSpec(
-        module=MambaLayer,
-        submodules=MambaLayerSubmodules(
-            norm=norm or IdentityOp,
-            mixer=ModuleSpec(
-                module=Mamba2Mixer,
-                params={"path": path, "conv_kernel": mamba.conv_kernel,
-                        "chunk_size": mamba.chunk_size},
-                submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=out_proj),
-            ),
-            mamba_bda=get_bias_dropout_add,
-        ),
-    )
+    params = {"path": path, "conv_kernel": mamba.conv_kernel, "chunk_size": mamba.chunk_size}
+    return mixer_layer_spec(backend, Mamba2Mixer, MambaMixerSubmodules, params)
