@@ -111,6 +111,11 @@ def resolve_backend(
         + ("" if requested == "local" else " (auto: Transformer Engine or CUDA not available)"),
     }[built]
 
+    if layout.mtp and not cuda:
+        raise SpecError(
+            f"multi-token prediction ({layout.mtp_depth} MTP depth(s) of {layout.mtp[0]!r}) "
+            "needs CUDA: Megatron-Core 0.19.2's MTP loss tracking allocates its buffers on "
+            "the GPU. Drop the '/' parts of the pattern to build on this machine.")
     letters = [letter for letter in FAMILIES if layout.has(letter)]
     families: dict[str, FamilyBuild] = {}
     for letter in letters:

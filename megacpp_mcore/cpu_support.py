@@ -18,7 +18,11 @@ Each assumption and how this project meets it:
    built with ``use_cpu_initialization`` and this project's mixers initialise from the CPU
    generator (``layers.mixer_common``), so nothing forks the tracker.
 5. Training: Megatron's optimizers, DDP wrapper and ``pretrain`` require CUDA; the CPU
-   training path uses a plain PyTorch optimizer over the same model (see ``train``).
+   training path uses a plain PyTorch optimizer over the same model (``cpu_train``).
+6. Sequence parallelism gathers and multi-token prediction's loss tracking allocate on
+   ``torch.cuda.current_device()``: neither runs on CPU. The model builder refuses MTP
+   without CUDA (``backend.resolve_backend``); tensor parallelism without sequence
+   parallelism runs on CPU (tested at TP=2 over gloo).
 
 Only the CPU path calls into this module; the GPU path never depends on it.
 """

@@ -128,8 +128,13 @@ def test_unknown_backend():
 
 def test_g_fails_closed_naming_layers():
     layout = parse_pattern("AGMG/GA")
-    with pytest.raises(SpecError) as info:
-        resolve_backend("auto", layout, cuda=False)
+    with pytest.raises(SpecError) as info:  # a GPU machine without flash-linear-attention
+        resolve_backend("auto", layout, cuda=True)
     message = str(info.value)
     assert "G layers 2, 4, mtp1:1" in message
     assert "flash-linear-attention" in message
+
+
+def test_mtp_needs_cuda():
+    with pytest.raises(SpecError, match=r"multi-token prediction .* needs CUDA"):
+        resolve_backend("auto", parse_pattern("AEMF/MA"), cuda=False)
