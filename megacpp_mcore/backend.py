@@ -160,3 +160,10 @@ def _numbers(layout: Layout, letter: str) -> str:
     mtp = [f"mtp{layer.mtp_part}:{layer.number}" for layer in layout.mtp_layers
            if layer.letter == letter]
     return ", ".join([*map(str, main), *mtp])
+
+
+def receipt_backends(record: dict) -> dict[str, dict]:
+    """A plan's record (``BackendPlan.record()``) as a receipt's ``backends`` section:
+    per family, what was requested and everything about what was built."""
+    return {letter: {"requested": build["requested"], "observed": build}
+            for letter, build in record.get("families", {}).items()}

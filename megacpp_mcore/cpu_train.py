@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megacpp_mcore.backend import receipt_backends
 from megacpp_mcore.config import TrainingConfig
 from megacpp_mcore.data import TokenWindows, prepare_embedded
 from megacpp_mcore.errors import DataError
@@ -106,8 +107,7 @@ def train_on_cpu(
         recipe_name=recipe.name,
         recipe_hash=recipe.recipe_hash,
         layout=layout,
-        backends={letter: {"requested": fb["requested"], "observed": fb}
-                  for letter, fb in model.backend_record["families"].items()},
+        backends=receipt_backends(model.backend_record),
         parallel={"tensor": 1, "pipeline": 1, "expert": 1, "context": 1, "data": 1},
         model={"flops_per_token": model_flops_per_token(layout, recipe.model),
                "peak_tflops": None, "training_path": TRAINING_PATH},

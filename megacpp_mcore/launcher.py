@@ -26,6 +26,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megacpp_mcore import compat
+from megacpp_mcore.backend import receipt_backends
 from megacpp_mcore.errors import MegacppError
 from megacpp_mcore.megatron_args import add_megacpp_args
 from megacpp_mcore.meter import IntervalMeter, moe_aux_losses
@@ -160,6 +161,7 @@ class RunTracker:
             peak_tflops=peak,
             log_interval=args.log_interval,
             print_fn=print if self.writer else None,
+            reduce_loss=_sum_over_data_parallel,
         )
 
     def _open_receipt(self, first_step, record, flops, peak, world) -> Receipt:
@@ -172,15 +174,13 @@ class RunTracker:
                 previous.resume(resume_step)
                 print(f"continuing receipt {previous.path} from step {resume_step}")
                 return previous
-        families = record.get("families", {})
         return Receipt.create(
             None if str(args.megacpp_receipt or "").endswith("/") or target.is_dir() else target,
             receipt_dir=target,
             recipe_name=Path(args.megacpp_recipe).stem if args.megacpp_recipe else None,
             recipe_hash=args.megacpp_recipe_hash,
             layout=self.layout,
-            backends={letter: {"requested": fb["requested"], "observed": fb}
-                      for letter, fb in families.items()},
+            backends=receipt_backends(record),
             parallel={"tensor": args.tensor_model_parallel_size,
                       "pipeline": args.pipeline_model_parallel_size,
                       "expert": args.expert_model_parallel_size,
@@ -202,20 +202,8 @@ class RunTracker:
         step = self.args.curr_iteration + 1
         self.ensure_started()
         self.meter.add_aux(moe_aux_losses(self.num_microbatches, clear=False))
-        if step % self.args.log_interval == 0:
-            self._reduce_loss_across_data_parallel()
         self.meter.step_done(step, optimizer.param_groups[0]["lr"])
         self._last_step = (step, time.perf_counter())
-
-    def _reduce_loss_across_data_parallel(self) -> None:
-        from megatron.core import parallel_state
-
-        meter = self.meter
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        pair = torch.stack([torch.as_tensor(meter._loss_sum, dtype=torch.float32),
-                            torch.as_tensor(meter._loss_tokens, dtype=torch.float32)]).to(device)
-        torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group())
-        meter._loss_sum, meter._loss_tokens = pair[0], pair[1]
 
     def account_gap(self) -> None:
         """At the first micro-batch after an optimizer step: Megatron spent the time since
@@ -233,6 +221,16 @@ class RunTracker:
         if self.meter is not None and self.writer:
             self.meter.receipt.finish(status)
             print(f"receipt: {self.meter.receipt.path} ({status})")
+
+
+def _sum_over_data_parallel(totals: torch.Tensor) -> torch.Tensor:
+    """[loss_sum, tokens] summed over the data-parallel ranks (each saw other batches)."""
+    from megatron.core import parallel_state
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    totals = totals.to(device)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return totals
 
 
 class _NullReceipt:

@@ -63,6 +63,7 @@ class IntervalMeter:
         log_interval: int,
         goodput: Goodput | None = None,
         print_fn: Callable[[str], None] | None = print,
+        reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.receipt = receipt
         self.tokens_per_step = tokens_per_step
@@ -72,6 +73,8 @@ class IntervalMeter:
         self.log_interval = log_interval
         self.goodput = goodput or Goodput()
         self.print_fn = print_fn
+        # sums [loss_sum, tokens] over the ranks that saw other data (data parallel), if any
+        self.reduce_loss = reduce_loss
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_tokens: torch.Tensor | float = 0.0
         self._aux: dict[str, float] = {}
@@ -109,9 +112,12 @@ class IntervalMeter:
         tflops = None
         if tokens_per_s is not None:
             tflops = self.flops_per_token * tokens_per_s / self.num_gpus / 1e12
-        loss = None
-        if float(self._loss_tokens) > 0:
-            loss = float(self._loss_sum) / float(self._loss_tokens)
+        totals = torch.stack([torch.as_tensor(self._loss_sum, dtype=torch.float32),
+                              torch.as_tensor(self._loss_tokens, dtype=torch.float32)])
+        if self.reduce_loss is not None:
+            totals = self.reduce_loss(totals)
+        loss_sum, loss_tokens = totals.tolist()
+        loss = loss_sum / loss_tokens if loss_tokens > 0 else None
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         record = self.receipt.log_interval(
             step,
