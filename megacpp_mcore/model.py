@@ -19,10 +19,10 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 
 from megacpp_mcore.backend import BackendPlan, resolve_backend
-from megacpp_mcore.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import Layout
-from megacpp_mcore.sizes import size_problems
+from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megacpp_mcore.settings.sizes import size_problems
 from megacpp_mcore.specs.stack import build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 

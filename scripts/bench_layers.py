@@ -24,16 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megacpp_mcore.backend import have_module, resolve_backend
-from megacpp_mcore.config import (
+from megacpp_mcore.distributed import init_process_groups, seed_everything
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.model import build_model
+from megacpp_mcore.settings.config import (
     MambaConfig,
     ModelConfig,
     MoEConfig,
     PrecisionConfig,
     RecurrentConfig,
 )
-from megacpp_mcore.distributed import init_process_groups, seed_everything
-from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.model import build_model
 
 
 def layer_config(hidden: int, seq: int, r_heads: int) -> ModelConfig:

@@ -21,13 +21,13 @@ step() {  # step NAME SECONDS COMMAND...
 for s in "$@"; do case $s in
   env) step env 120 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, megatron.core as m; print(torch.__version__, triton.__version__, m.__version__, torch.cuda.get_device_name())"; python3 -c "import transformer_engine as te; print(\"te\", te.__version__)"; python3 -c "import mamba_ssm, causal_conv1d; print(\"mamba\", mamba_ssm.__version__)"' ;;
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
-  train) step train_embedded 300 python3 -m megacpp_mcore.cli train "${TINY[@]}" --receipt "$OUT/tiny_embedded.json"
-         step train_mock 200 python3 -m megacpp_mcore.cli train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$OUT/tiny_mock.json" ;;
+  train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$OUT/tiny_embedded.json"
+         step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$OUT/tiny_mock.json" ;;
   resume) rm -rf /tmp/ckpt
-          step resume_first 240 python3 -m megacpp_mcore.cli train "${TINY[@]}" --receipt "$OUT/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --exit-interval 100
-          step resume_second 240 python3 -m megacpp_mcore.cli train "${TINY[@]}" --receipt "$OUT/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --load /tmp/ckpt ;;
+          step resume_first 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$OUT/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --exit-interval 100
+          step resume_second 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$OUT/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --load /tmp/ckpt ;;
   tp2) step tp2_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/gpu/test_tensor_parallel_gpu.py "tests/gpu/test_model_gpu.py::test_te_and_local_agree"
-       step tp2_train 240 python3 -m megacpp_mcore.cli train "${TINY[@]}" --set parallel.tensor=2 --set parallel.sequence_parallel=true --train-iters 100 --receipt "$OUT/tiny_tp2.json" ;;
+       step tp2_train 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set parallel.tensor=2 --set parallel.sequence_parallel=true --train-iters 100 --receipt "$OUT/tiny_tp2.json" ;;
   bench) step bench 540 python3 scripts/bench_layers.py --hidden 2048 4096 --families AEMFR --json "$OUT/bench_layers.json" ;;
   rbench) step rbench 300 python3 scripts/bench_r_scan.py --quick --sweep --no-reference ;;
   *) echo "unknown step $s"; exit 2 ;;

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megacpp_mcore.launcher import main
+from megacpp_mcore.megatron.launcher import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megacpp_mcore.config import MambaConfig, ModelConfig, MoEConfig, RecurrentConfig
+from megacpp_mcore.settings.config import MambaConfig, ModelConfig, MoEConfig, RecurrentConfig
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

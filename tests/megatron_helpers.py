@@ -18,7 +18,7 @@ import torch
 from megatron.training import arguments, global_vars
 from megatron.training.argument_utils import core_transformer_config_from_args
 
-from megacpp_mcore.megatron_args import add_megacpp_args
+from megacpp_mcore.megatron.args import add_megacpp_args
 
 
 @contextlib.contextmanager

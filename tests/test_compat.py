@@ -4,7 +4,7 @@ import subprocess
 
 import megatron.core.datasets.utils as dataset_utils
 
-from megacpp_mcore import compat
+from megacpp_mcore.megatron import compat
 
 
 def test_defect_is_present_in_this_megatron():

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacpp_mcore import data
-from megacpp_mcore.cli import main
-from megacpp_mcore.data import (
+from megacpp_mcore.cli.main import main
+from megacpp_mcore.errors import DataError
+from megacpp_mcore.paths import REPO_ROOT
+from megacpp_mcore.train import data
+from megacpp_mcore.train.data import (
     EOD_ID,
     VOCAB_SIZE,
     ByteTokenizer,
@@ -25,8 +27,6 @@ from megacpp_mcore.data import (
     prepare_embedded,
     read_summary,
 )
-from megacpp_mcore.errors import DataError
-from megacpp_mcore.paths import REPO_ROOT
 
 TEXTS = {
     "a.txt": "hello world\n",
@@ -217,7 +217,7 @@ def test_embedded_corpus_is_this_repository_only():
     files = embedded_corpus_files()
     rel = [f.relative_to(REPO_ROOT).as_posix() for f in files]
     assert "README.md" in rel
-    assert "megacpp_mcore/data.py" in rel
+    assert "megacpp_mcore/train/data.py" in rel
     assert "patterns/nam56r.yaml" in rel
     assert all(f.is_file() and f.stat().st_size >= 0 for f in files)
     for r in rel:
@@ -304,5 +304,5 @@ def test_cli_empty_directory(tmp_path, capsys):
 
 def test_recipe_byte_vocab_agrees():
     """recipe.py keeps its own copy of the byte vocabulary size (to stay import-light)."""
-    recipe = pytest.importorskip("megacpp_mcore.recipe")
+    recipe = pytest.importorskip("megacpp_mcore.settings.recipe")
     assert recipe.BYTE_VOCAB_SIZE == VOCAB_SIZE

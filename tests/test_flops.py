@@ -8,15 +8,15 @@ from argparse import Namespace
 
 import pytest
 
-from megacpp_mcore import flops
-from megacpp_mcore.config import (
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.settings.config import (
     GatedDeltaNetConfig,
     MambaConfig,
     ModelConfig,
     MoEConfig,
     RecurrentConfig,
 )
-from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.train import flops
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -187,7 +187,7 @@ def test_any_printable_string(text):
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "megacpp_mcore.cli", *args],
+        [sys.executable, "-m", "megacpp_mcore.cli.main", *args],
         capture_output=True,
         text=True,
         check=False,

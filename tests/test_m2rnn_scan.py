@@ -11,30 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacpp_mcore.ops.m2rnn_naive import naive_scan
 from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def naive_scan(q, k, v, f, W, h0):
-    """The recurrence written out per step, per batch, per head (float64, plain loops)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    state = [[h0[b, h] for h in range(H)] for b in range(B)]
-    ys = [[[] for _ in range(H)] for _ in range(B)]
-    for t in range(T):
-        for b in range(B):
-            for h in range(H):
-                prev = state[b][h]
-                pre = prev @ W[h] + torch.outer(k[b, t, h], v[b, t, h])
-                new = f[b, t, h] * prev + (1 - f[b, t, h]) * torch.tanh(pre)
-                state[b][h] = new
-                ys[b][h].append(q[b, t, h] @ new)  # [V]
-    y = torch.stack([torch.stack([torch.stack(ys[b][h]) for h in range(H)], dim=1)
-                     for b in range(B)])  # [B, T, H, V]
-    h_last = torch.stack([torch.stack(state[b]) for b in range(B)])
-    assert y.shape == (B, T, H, V) and h_last.shape == (B, H, K, V)
-    return y, h_last
 
 
 def make_inputs(B, T, H, K, V, *, seed=0, dtype=torch.float64):

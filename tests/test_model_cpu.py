@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from megacpp_mcore.config import ParallelConfig, PrecisionConfig
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
-from megacpp_mcore.sizes import size_problems
+from megacpp_mcore.settings.config import ParallelConfig, PrecisionConfig
+from megacpp_mcore.settings.sizes import size_problems
 from tests.conftest import tiny_model_config
 from tests.distributed_helpers import run_distributed
 

@@ -11,22 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from megacpp_mcore import receipt as rmod
-from megacpp_mcore.cli import main
-from megacpp_mcore.config import ParallelConfig
+from megacpp_mcore import jsonio as rmod
+from megacpp_mcore.cli.main import main
 from megacpp_mcore.errors import ReceiptError
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.receipt import (
+from megacpp_mcore.receipt.analysis import (
+    compare_receipts,
+    format_comparison,
+    format_receipt,
+    plot_receipts,
+)
+from megacpp_mcore.receipt.writer import (
     SCHEMA_VERSION,
     Goodput,
     Receipt,
     collect_versions,
-    compare_receipts,
-    format_comparison,
-    format_receipt,
     load_receipt,
-    plot_receipts,
 )
+from megacpp_mcore.settings.config import ParallelConfig
 
 VERSIONS = {"python": "3.12.0", "torch": "2.14.1", "megatron_core": "0.19.2", "mamba_ssm": None}
 

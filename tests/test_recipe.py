@@ -8,11 +8,11 @@ import typing
 import pytest
 import yaml
 
-from megacpp_mcore import config
-from megacpp_mcore.cli import main
+from megacpp_mcore.cli.main import main
 from megacpp_mcore.errors import RecipeError
 from megacpp_mcore.paths import RECIPES_DIR
-from megacpp_mcore.recipe import (
+from megacpp_mcore.settings import config
+from megacpp_mcore.settings.recipe import (
     Recipe,
     describe,
     field_docs,

@@ -1,4 +1,4 @@
-"""Megatron's ``--spec megacpp_mcore.specs.stack megacpp_stack_spec`` seam, on CPU.
+"""Megatron's ``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec`` seam, on CPU.
 
 The translated plugin flags go through Megatron's own parser and ``hybrid_config_from_args``;
 Megatron's own ``HybridModelBuilder`` then builds the model from the plugin's spec object.
@@ -15,10 +15,11 @@ from megatron.training.models.hybrid import HybridModelBuilder
 from megacpp_mcore.cpu_support import adapt_model_for_cpu
 from megacpp_mcore.distributed import seed_everything
 from megacpp_mcore.errors import SpecError
+from megacpp_mcore.megatron.spec_seam import megacpp_stack_spec
+from megacpp_mcore.megatron.translate import translate
 from megacpp_mcore.model import build_model
-from megacpp_mcore.recipe import load_recipe
-from megacpp_mcore.specs.stack import MegacppHybridStack, megacpp_stack_spec
-from megacpp_mcore.translate import translate
+from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.specs.stack import MegacppHybridStack
 from tests.megatron_helpers import parsed_megatron_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:'type' is deprecated:DeprecationWarning")

@@ -12,15 +12,15 @@ from megatron.training.argument_utils import hybrid_config_from_args
 from megatron.training.models.hybrid import HybridModelBuilder
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from megacpp_mcore import compat, launcher
-from megacpp_mcore.cli import main
-from megacpp_mcore.config import TrainingConfig
+from megacpp_mcore.cli.main import main
 from megacpp_mcore.cpu_support import adapt_model_for_cpu
-from megacpp_mcore.cpu_train import lr_at, train_on_cpu
-from megacpp_mcore.data import prepare_embedded
+from megacpp_mcore.megatron import compat, launcher
+from megacpp_mcore.megatron.translate import translate
 from megacpp_mcore.receipt import load_receipt
-from megacpp_mcore.recipe import load_recipe
-from megacpp_mcore.translate import translate
+from megacpp_mcore.settings.config import TrainingConfig
+from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.train.cpu_loop import lr_at, train_on_cpu
+from megacpp_mcore.train.data import prepare_embedded
 from tests.megatron_helpers import parsed_megatron_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:'type' is deprecated:DeprecationWarning")

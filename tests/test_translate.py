@@ -22,15 +22,15 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from megacpp_mcore.cli import main
+from megacpp_mcore.cli.main import main
 from megacpp_mcore.errors import RecipeError, TranslateError
-from megacpp_mcore.megatron_args import (
+from megacpp_mcore.megatron.args import (
     add_megacpp_args,
     model_config_from_args,
     recurrent_config_from_args,
 )
-from megacpp_mcore.recipe import load_recipe
-from megacpp_mcore.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
+from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
+from megacpp_mcore.settings.recipe import load_recipe
 from tests.megatron_helpers import megatron_parse
 
 arguments = pytest.importorskip("megatron.training.arguments")

@@ -22,45 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from megacpp_mcore.ops.m2rnn_checks import check_scan_inputs
+
 PATHS = ("reference", "fused")
-
-
-def check_scan_inputs(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int]:
-    """Check the shapes, dtypes and devices every path shares; return ``(B, T, H, K, V)``.
-
-    Raises ``ValueError`` naming the offending argument and what was expected.
-    """
-    named = {"q": q, "k": k, "v": v, "f": f, "W": W}
-    if h0 is not None:
-        named["h0"] = h0
-    for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"m2rnn scan: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"m2rnn scan: {name} must be a floating-point tensor, got {x.dtype}")
-    if q.dim() != 4:
-        raise ValueError(f"m2rnn scan: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if min(B, T, H, K) < 1:
-        raise ValueError(f"m2rnn scan: every dimension of q must be >= 1, got {tuple(q.shape)}")
-    if tuple(k.shape) != (B, T, H, K):
-        raise ValueError(f"m2rnn scan: k must have q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H) or v.shape[3] < 1:
-        raise ValueError(f"m2rnn scan: v must be [B, T, H, V] = [{B}, {T}, {H}, V], "
-                         f"got shape {tuple(v.shape)}")
-    V = v.shape[3]
-    if tuple(f.shape) != (B, T, H):
-        raise ValueError(f"m2rnn scan: f must be [B, T, H] = {[B, T, H]}, got {tuple(f.shape)}")
-    if tuple(W.shape) != (H, V, V):
-        raise ValueError(f"m2rnn scan: W must be [H, V, V] = {[H, V, V]}, got {tuple(W.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, H, K, V):
-        raise ValueError(f"m2rnn scan: h0 must be [B, H, K, V] = {[B, H, K, V]}, "
-                         f"got {tuple(h0.shape)}")
-    devices = {name: x.device for name, x in named.items()}
-    if len(set(devices.values())) != 1:
-        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"m2rnn scan: all inputs must be on one device, got {listed}")
-    return B, T, H, K, V
 
 
 def m2rnn_scan_reference(q, k, v, f, W, h0=None):

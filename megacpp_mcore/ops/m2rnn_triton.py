@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megacpp_mcore.ops.m2rnn_scan import check_scan_inputs
+from megacpp_mcore.ops.m2rnn_checks import check_scan_inputs
 
 SUPPORTED_K = (16, 32, 64, 128, 256)
 SUPPORTED_V = (16, 32, 64)

@@ -8,8 +8,8 @@ stock Megatron. ``local``: a torch norm and Megatron's local linears. The mixer'
 from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megacpp_mcore.config import MambaConfig
 from megacpp_mcore.layers.mamba2 import Mamba2Mixer
+from megacpp_mcore.settings.config import MambaConfig
 from megacpp_mcore.specs.projections import mixer_layer_spec
 
 

@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megacpp_mcore.config import RecurrentConfig
 from megacpp_mcore.layers.m2rnn import RecurrentMixer, RecurrentMixerSubmodules
+from megacpp_mcore.settings.config import RecurrentConfig
 from megacpp_mcore.specs.projections import mixer_layer_spec
 
 

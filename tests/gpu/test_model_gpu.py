@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from megacpp_mcore.backend import resolve_backend
-from megacpp_mcore.config import (
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.model import build_model
+from megacpp_mcore.settings.config import (
     MambaConfig,
     ModelConfig,
     MoEConfig,
     PrecisionConfig,
     RecurrentConfig,
 )
-from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.model import build_model
 from tests.gpu.conftest import rel_err
 
 pytestmark = pytest.mark.gpu

@@ -13,10 +13,10 @@ def _tp_logits(rank, world_size, pattern, backend):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megacpp_mcore.config import PrecisionConfig
     from megacpp_mcore.distributed import init_process_groups
     from megacpp_mcore.layout import parse_pattern
     from megacpp_mcore.model import build_model
+    from megacpp_mcore.settings.config import PrecisionConfig
     from tests.gpu.test_model_gpu import gpu_model_config
 
     gen = torch.Generator().manual_seed(0)

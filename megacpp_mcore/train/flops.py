@@ -65,8 +65,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from megacpp_mcore.config import ModelConfig
 from megacpp_mcore.layout import FAMILIES, Layout
+from megacpp_mcore.settings.config import ModelConfig
 
 #: training FLOPs = this x forward FLOPs (forward + backward, no recompute).
 TRAINING_MULTIPLIER = 3

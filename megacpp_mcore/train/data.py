@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from megacpp_mcore.errors import DataError
+from megacpp_mcore.jsonio import atomic_write_json
 from megacpp_mcore.paths import REPO_ROOT
 
 #: number of byte values; ids 0..255 are the bytes themselves.
@@ -339,12 +340,11 @@ def prepare_dataset(files: Sequence[Path | str], output_prefix: Path | str) -> D
             files=tuple(_display(path) for path, _ in kept),
             skipped_empty=skipped,
         )
-        manifest = Path(tmp_prefix + ".json")
-        manifest.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
         prefix = str(output_prefix)
         os.replace(get_bin_path(tmp_prefix), get_bin_path(prefix))
         os.replace(get_idx_path(tmp_prefix), get_idx_path(prefix))
-        os.replace(manifest, prefix + ".json")
+        # The summary goes last: its presence (with a matching hash) marks a finished dataset.
+        atomic_write_json(Path(prefix + ".json"), summary.to_json())
     except OSError as err:
         raise DataError(f"cannot write dataset {output_prefix}: {err.strerror or err}") from err
     finally:
@@ -581,83 +581,3 @@ def token_windows(
 ) -> Iterator[Any]:
     """Endless deterministic ``[B, S+1]`` batches from ``prefix`` (see :class:`TokenWindows`)."""
     return TokenWindows(prefix, batch_size, seq_length, seed).iterate(start)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _cmd_data_prepare(args) -> int:
-    inputs = list(args.inputs)
-    if not inputs and not args.embedded:
-        raise DataError("nothing to prepare: give text files or directories, or --embedded")
-    if args.embedded and not inputs and args.output is None:
-        prefix = prepare_embedded(args.cache_dir)
-        summary = read_summary(prefix)
-    else:
-        if args.output is None:
-            raise DataError("-o/--output PREFIX is required (PREFIX.bin and PREFIX.idx)")
-        files = (embedded_corpus_files() if args.embedded else []) + collect_files(inputs)
-        if not files:
-            raise DataError(
-                f"empty corpus: no {', '.join(TEXT_SUFFIXES)} files under "
-                + ", ".join(map(str, inputs))
-            )
-        summary = prepare_dataset(files, args.output)
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        print(summary)
-        print(
-            "megatron  --data-path "
-            + summary.prefix
-            + " "
-            + " ".join(ByteTokenizer.megatron_args())
-        )
-    return 0
-
-
-def add_data_subcommand(sub) -> None:
-    """Register ``megacpp data prepare`` (called from cli.SUBCOMMANDS)."""
-    p = sub.add_parser(
-        "data",
-        help="prepare training data (byte tokenizer, Megatron indexed datasets)",
-        description="Training data tools. Text is tokenized as UTF-8 bytes (ids 0-255) with "
-        f"an end-of-document token {EOD_ID} (vocabulary {VOCAB_SIZE}; Megatron: "
-        + " ".join(ByteTokenizer.megatron_args())
-        + ").",
-    )
-    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    prep = data_sub.add_parser(
-        "prepare",
-        help="write text files as a Megatron indexed dataset (PREFIX.bin/.idx)",
-        description="Tokenize text files (one document per file, each ending in EOD) into a "
-        "Megatron indexed dataset written with Megatron's IndexedDatasetBuilder, plus a "
-        "PREFIX.json summary. Directories are walked for "
-        + ", ".join(TEXT_SUFFIXES)
-        + " (hidden folders skipped). --embedded adds this project's own sources and docs; "
-        "with --embedded alone (no -o) the corpus is prepared once into "
-        "runs/data/embedded_<hash>/ and reused while its content hash matches. Bad input "
-        "(missing or non-UTF-8 files, an empty corpus, an unwritable folder) exits 2.",
-    )
-    prep.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR", help="text files or folders")
-    prep.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        default=None,
-        metavar="PREFIX",
-        help="output prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.json",
-    )
-    prep.add_argument(
-        "--embedded",
-        action="store_true",
-        help="include the embedded corpus (this project's README, sources, patterns, recipes)",
-    )
-    prep.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help=f"cache folder for --embedded without -o (default {DEFAULT_DATA_DIR})",
-    )
-    prep.add_argument("--json", action="store_true", help="print the summary as JSON")
-    prep.set_defaults(handler=_cmd_data_prepare)

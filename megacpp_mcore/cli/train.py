@@ -25,7 +25,7 @@ LAUNCHER = REPO_ROOT / "scripts" / "pretrain_nam.py"
 def gpu_command(recipe, nproc: int | None, receipt: Path | None,
                 megatron_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """The torchrun command line and environment for the GPU path."""
-    from megacpp_mcore.translate import translate
+    from megacpp_mcore.megatron.translate import translate
 
     plan = translate(recipe, "plugin")
     argv = plan.argv()
@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from megacpp_mcore.recipe import load_recipe
+    from megacpp_mcore.settings.recipe import load_recipe
 
     overrides = list(args.set)
     if args.train_iters:  # the whole schedule follows, as Megatron's --train-iters would
@@ -90,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("no CUDA GPU: training on the CPU path (same model, data and receipt; a plain "
               "PyTorch optimizer instead of Megatron's pretrain, which requires CUDA)"
               if args.device is None else "training on the CPU path", flush=True)
-        from megacpp_mcore.cpu_train import train_on_cpu
+        from megacpp_mcore.train.cpu_loop import train_on_cpu
 
         receipt = train_on_cpu(recipe, receipt_path=receipt_path)
         print(summary(receipt))
@@ -109,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
-    from megacpp_mcore.recipe import add_set_argument
+    from megacpp_mcore.cli.recipe import add_set_argument
 
     p = sub.add_parser(
         "train",

@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from megacpp_mcore import __version__
-from megacpp_mcore.data import add_data_subcommand
+from megacpp_mcore.cli.data import add_data_subcommand
+from megacpp_mcore.cli.receipt import add_receipt_subcommand
+from megacpp_mcore.cli.recipe import add_recipe_subcommand
+from megacpp_mcore.cli.train import add_train_subcommand
+from megacpp_mcore.cli.translate import add_translate_subcommand
 from megacpp_mcore.errors import MegacppError
-from megacpp_mcore.receipt import add_receipt_subcommand
-from megacpp_mcore.recipe import add_recipe_subcommand
-from megacpp_mcore.train import add_train_subcommand
-from megacpp_mcore.translate import add_translate_subcommand
 
 Handler = Callable[[argparse.Namespace], int | None]
 

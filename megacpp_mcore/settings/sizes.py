@@ -7,8 +7,8 @@ uses are checked. Each problem names the fields in conflict.
 
 from __future__ import annotations
 
-from megacpp_mcore.config import ModelConfig, ParallelConfig
 from megacpp_mcore.layout import Layout
+from megacpp_mcore.settings.config import ModelConfig, ParallelConfig
 
 
 def _divides(problems: list[str], value: int, value_name: str, by: int, by_name: str) -> None:

@@ -3,9 +3,9 @@
 A recipe is one YAML mapping whose keys are the fields of :class:`Recipe`: the layer
 ``pattern`` (a literal or a family from ``patterns/``), its ``depth``, ``mtp_depths``,
 ``backend``, ``r_lowering``, and one section per settings dataclass of
-:mod:`megacpp_mcore.config` (``model``, ``precision``, ``parallel``, ``training``, ``data``,
-``logging``). Loading is strict, and every rejection is a :class:`RecipeError` that names the
-file, the key path (``model.moe.top_k``), what was wrong and what is accepted:
+:mod:`megacpp_mcore.settings.config` (``model``, ``precision``, ``parallel``, ``training``,
+``data``, ``logging``). Loading is strict, and every rejection is a :class:`RecipeError`
+that names the file, the key path (``model.moe.top_k``), what was wrong and what is accepted:
 
 * unknown sections and keys are errors (never silently ignored), and so are duplicate keys;
 * types are exact: ``true`` is not an integer, ``1`` is not a boolean, an integer is accepted
@@ -25,12 +25,10 @@ Every field is documented once, in its dataclass's docstring ``Attributes`` list
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import re
-import sys
 import textwrap
 import types
 import typing
@@ -42,7 +40,11 @@ from typing import Any, Literal
 
 import yaml
 
-from megacpp_mcore.config import (
+from megacpp_mcore.errors import PatternError, RecipeError
+from megacpp_mcore.jsonio import content_hash
+from megacpp_mcore.layout import FAMILIES, Layout, known_families, parse_pattern, resolve
+from megacpp_mcore.paths import RECIPES_DIR, REPO_ROOT
+from megacpp_mcore.settings.config import (
     DataConfig,
     LoggingConfig,
     ModelConfig,
@@ -50,11 +52,7 @@ from megacpp_mcore.config import (
     PrecisionConfig,
     TrainingConfig,
 )
-from megacpp_mcore.errors import PatternError, RecipeError
-from megacpp_mcore.layout import FAMILIES, Layout, known_families, parse_pattern, resolve
-from megacpp_mcore.paths import RECIPES_DIR, REPO_ROOT
-from megacpp_mcore.receipt import content_hash
-from megacpp_mcore.sizes import size_problems
+from megacpp_mcore.settings.sizes import size_problems
 
 BACKENDS = ("auto", "te", "local")
 #: letters an R layer may be lowered to for the native target (every stock Megatron family).
@@ -62,7 +60,7 @@ R_LOWERINGS = ("M", "A", "F", "E", "G")
 #: the key that names a base recipe; consumed while loading, never a Recipe field.
 BASE_KEY = "base"
 #: smallest vocabulary of the byte tokenizer: 256 byte values + end-of-document
-#: (megacpp_mcore.data.VOCAB_SIZE; kept here so recipes stay import-light).
+#: (megacpp_mcore.train.data.VOCAB_SIZE; kept here so recipes stay import-light).
 BYTE_VOCAB_SIZE = 257
 
 
@@ -624,7 +622,7 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
 def recipe_problems(recipe: Recipe) -> list[str]:
     """Every cross-field rule ``recipe`` breaks (empty if none); each names its fields.
 
-    Size rules come from :func:`megacpp_mcore.sizes.size_problems` (shared with the model
+    Size rules come from :func:`megacpp_mcore.settings.sizes.size_problems` (shared with the model
     builder) and are checked only for the block families the layout uses, plus the family
     R is lowered to (``r_lowering``). Two attention rules are checked for every model,
     because Megatron's argument validation asserts them even without attention layers:
@@ -826,74 +824,11 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.set)
-    layout = recipe.layout
-    if args.json:
-        out = {
-            "name": recipe.name,
-            "source": recipe.source,
-            "overrides": list(recipe.overrides),
-            "hash": recipe.recipe_hash,
-            "layout": layout.to_json(),
-            "recipe": recipe.to_dict(),
-        }
-        print(json.dumps(out, indent=2))
-        return 0
-    counts = ", ".join(f"{n} {letter}" for letter, n in layout.counts.items() if n)
-    print(f"# recipe {recipe.name} ({recipe.where})")
-    print(f"# hash   {recipe.recipe_hash}")
-    print(f"# layout {layout.canonical} ({layout.depth} layers: {counts}; "
-          f"{len(layout.stages)} stage(s); {layout.mtp_depth} MTP depth(s))")
-    sys.stdout.write(yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False))
-    return 0
-
-
-def _cmd_describe(args: argparse.Namespace) -> int:
-    print(describe())
-    return 0
-
-
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """The repeatable ``--set KEY=VALUE`` override option (shared with ``translate``)."""
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set model.hidden_size=2048 (repeatable; the "
-        "value is read as YAML)",
-    )
-
-
-def add_recipe_subcommand(sub: argparse._SubParsersAction) -> None:
-    """Register ``megacpp recipe show|describe``."""
-    p = sub.add_parser(
-        "recipe",
-        help="show a resolved recipe, or describe every recipe key",
-        description="Load a recipe (recipes/NAME.yaml or a path), apply base recipes and "
-        "--set overrides, validate it and show the result; or describe every key a recipe "
-        "may hold. Invalid recipes exit with status 2.",
-    )
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    show = actions.add_parser("show", help="the fully resolved recipe, its hash and layout")
-    show.add_argument("recipe", help="a recipe name in recipes/ (e.g. nam56r) or a YAML path")
-    add_set_argument(show)
-    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    show.set_defaults(handler=_cmd_show)
-    desc = actions.add_parser("describe", help="every recipe key with type, default and docs")
-    desc.set_defaults(handler=_cmd_describe)
-
-
 __all__ = [
     "BACKENDS",
     "FAMILIES",
     "R_LOWERINGS",
     "Recipe",
-    "add_recipe_subcommand",
     "describe",
     "field_docs",
     "known_recipes",

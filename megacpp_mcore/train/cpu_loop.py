@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from megacpp_mcore.backend import receipt_backends
-from megacpp_mcore.config import TrainingConfig
-from megacpp_mcore.data import TokenWindows, prepare_embedded
 from megacpp_mcore.errors import DataError
-from megacpp_mcore.flops import model_flops_per_token
-from megacpp_mcore.meter import IntervalMeter, moe_aux_losses
 from megacpp_mcore.receipt import Receipt
-from megacpp_mcore.recipe import Recipe
+from megacpp_mcore.settings.config import TrainingConfig
+from megacpp_mcore.settings.recipe import Recipe
+from megacpp_mcore.train.data import TokenWindows, prepare_embedded
+from megacpp_mcore.train.flops import model_flops_per_token
+from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
 
 TRAINING_PATH = "cpu: torch AdamW over the Megatron model (Megatron's pretrain needs CUDA)"
 

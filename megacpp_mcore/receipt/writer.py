@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
-import math
 import os
 import platform
 import socket
@@ -60,12 +58,17 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from megacpp_mcore.errors import ReceiptError
+from megacpp_mcore.jsonio import (
+    atomic_write_json,
+    jsonable,
+    now_iso,
+    stale_tmp_files,
+)
 
 SCHEMA_VERSION = 1
 KIND = "megacpp-receipt"
@@ -81,92 +84,6 @@ REQUIRED_KEYS = {
     "features": list,
     "intervals": list,
 }
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def content_hash(obj: Any) -> str:
-    """sha256 of a recipe: text/bytes as is, anything else as canonical JSON."""
-    if isinstance(obj, bytes):
-        data = obj
-    elif isinstance(obj, str):
-        data = obj.encode("utf-8")
-    else:
-        data = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; dataclasses become dicts, non-finite floats become strings."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    # numpy / torch scalars
-    item = getattr(obj, "item", None)
-    if callable(item):
-        with contextlib.suppress(Exception):
-            return _jsonable(item())
-    return str(obj)
-
-
-def number(value: Any) -> float | None:
-    """A receipt value back to a float (``"nan"``/``"inf"`` strings included); else None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    return None
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (tmp in the same folder, fsync, replace).
-
-    If anything fails before the replace, the previous file is untouched and the temporary
-    file is removed.
-    """
-    path = Path(path)
-    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _stale_tmp_files(path: Path) -> list[Path]:
-    return list(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 # --------------------------------------------------------------------------- versions
@@ -364,7 +281,7 @@ class Receipt:
             "kind": KIND,
             "run": {
                 "id": run_id,
-                "start_time": _now_iso(),
+                "start_time": now_iso(),
                 "end_time": None,
                 "status": "running",
                 "command_line": list(command_line if command_line is not None else sys.argv),
@@ -374,18 +291,18 @@ class Receipt:
             },
             "recipe": {"name": recipe_name, "hash": recipe_hash},
             "pattern": _roles(layout),
-            "backends": _jsonable(dict(backends or {})),
-            "versions": _jsonable(dict(versions) if versions is not None else collect_versions()),
-            "parallel": _jsonable(parallel if parallel is not None else {}),
+            "backends": jsonable(dict(backends or {})),
+            "versions": jsonable(dict(versions) if versions is not None else collect_versions()),
+            "parallel": jsonable(parallel if parallel is not None else {}),
             "features": [],
-            "model": _jsonable(dict(model or {})),
+            "model": jsonable(dict(model or {})),
             "warmup_intervals": int(warmup_intervals),
             "intervals": [],
-            "notes": _jsonable(dict(notes or {})),
+            "notes": jsonable(dict(notes or {})),
         }
         receipt = cls(path, data)
         receipt._t0 = time.monotonic()
-        for stale in _stale_tmp_files(path):
+        for stale in stale_tmp_files(path):
             with contextlib.suppress(OSError):
                 stale.unlink()
         if write:
@@ -407,9 +324,9 @@ class Receipt:
         """Record the backend asked for and the one that really ran for a block family."""
         entry = self.data["backends"].setdefault(family, {"requested": None, "observed": None})
         if requested is not None:
-            entry["requested"] = _jsonable(requested)
+            entry["requested"] = jsonable(requested)
         if observed is not None:
-            entry["observed"] = _jsonable(observed)
+            entry["observed"] = jsonable(observed)
         if write:
             self.write()
 
@@ -423,7 +340,7 @@ class Receipt:
     ) -> None:
         """Record a training-time feature (plasticity, STP, ...) active from ``from_step``."""
         self.data["features"].append(
-            {"name": name, "from_step": int(from_step), "settings": _jsonable(settings or {})}
+            {"name": name, "from_step": int(from_step), "settings": jsonable(settings or {})}
         )
         if write:
             self.write()
@@ -476,7 +393,7 @@ class Receipt:
             "goodput": good,
             "extra": dict(extra),
         }
-        record = _jsonable(record)
+        record = jsonable(record)
         intervals.append(record)
         if write:
             self.write()
@@ -492,7 +409,7 @@ class Receipt:
                 f"unknown final status {status!r}: use 'completed', 'interrupted' or "
                 "'failed: <reason>'"
             )
-        self.data["run"]["end_time"] = _now_iso()
+        self.data["run"]["end_time"] = now_iso()
         self.data["run"]["status"] = status
         self.write()
 
@@ -508,7 +425,7 @@ class Receipt:
         self.data["run"]["end_time"] = None
         self.data["run"].setdefault("resumes", []).append({
             "step": int(step),
-            "time": _now_iso(),
+            "time": now_iso(),
             "command_line": list(command_line if command_line is not None else sys.argv),
         })
         last_time = max((iv.get("time_s") or 0.0 for iv in self.data["intervals"]), default=0.0)
@@ -604,320 +521,3 @@ def load_receipt(path: Path | str) -> Receipt:
         if not isinstance(iv, dict) or not isinstance(iv.get("step"), int):
             raise ReceiptError(f"{path}: interval {i} is not an object with an integer 'step'")
     return Receipt(path, data)
-
-
-# --------------------------------------------------------------------------- show
-
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    v = number(value)
-    if v is None:
-        return "-" if value is None else str(value)
-    if math.isnan(v) or math.isinf(v):
-        return str(v)
-    return format(v, spec)
-
-
-def _fmt_bytes(value: Any) -> str:
-    v = number(value)
-    if v is None:
-        return "-"
-    return f"{v / 2**30:.2f} GiB"
-
-
-def format_receipt(receipt: Receipt) -> str:
-    """A readable summary: run, recipe, pattern, backends, versions, last interval, goodput."""
-    d = receipt.data
-    run = d["run"]
-    lines = [
-        f"receipt  {receipt.path}",
-        f"run      {run.get('id')}  status {run.get('status')}",
-        f"         started {run.get('start_time')}  ended {run.get('end_time') or '-'}",
-    ]
-    if run.get("command_line"):
-        lines.append("command  " + " ".join(map(str, run["command_line"])))
-    recipe = d.get("recipe") or {}
-    rhash = recipe.get("hash") or ""
-    lines.append(f"recipe   {recipe.get('name') or '-'}  hash {rhash[:16] or '-'}")
-    pattern = d.get("pattern")
-    if pattern:
-        counts: dict[str, int] = {}
-        for role in pattern.get("roles", []):
-            counts[role["letter"]] = counts.get(role["letter"], 0) + 1
-        count_text = ", ".join(f"{n} {letter}" for letter, n in counts.items())
-        lines.append(
-            f"pattern  {pattern.get('pattern')}  ({pattern.get('depth')} layers: {count_text})"
-        )
-    if d["backends"]:
-        lines.append(
-            "backends "
-            + "; ".join(
-                f"{family}: asked {b.get('requested', '-')}, ran {b.get('observed', '-')}"
-                if isinstance(b, dict)
-                else f"{family}: {b}"
-                for family, b in d["backends"].items()
-            )
-        )
-    if d["parallel"]:
-        lines.append("parallel " + ", ".join(f"{k}={v}" for k, v in d["parallel"].items()))
-    versions = d["versions"]
-    if versions:
-        shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v not in (None, 0))
-        missing = [k for k, v in versions.items() if v is None]
-        lines.append(f"versions {shown}")
-        if missing:
-            lines.append(f"         absent: {', '.join(missing)}")
-    for feat in d["features"]:
-        lines.append(
-            f"feature  {feat.get('name')} from step {feat.get('from_step')} "
-            f"{json.dumps(feat.get('settings', {}), sort_keys=True)}"
-        )
-    lines.append(f"intervals {len(receipt.intervals)} ({sum(receipt.warmup_flags())} warm-up)")
-    last = receipt.last_interval()
-    if last:
-        aux = ", ".join(f"{k} {_fmt(v)}" for k, v in (last.get("aux_losses") or {}).items())
-        lines += [
-            f"last     step {last['step']}: loss {_fmt(last.get('loss'))}"
-            + (f" (aux: {aux})" if aux else "")
-            + f", lr {_fmt(last.get('lr'), '.3g')}",
-            f"         {_fmt(last.get('tokens_per_s'), ',.0f')} tokens/s, "
-            f"{_fmt(last.get('tflops_per_gpu'), '.1f')} TFLOP/s/GPU, "
-            f"MFU {_fmt_pct(last.get('mfu'))}, peak memory "
-            f"{_fmt_bytes(last.get('peak_memory_bytes'))}",
-        ]
-        good = last.get("goodput")
-        if good:
-            total = number(good.get("total_s")) or 0.0
-            parts = ", ".join(f"{k} {_fmt(v, '.1f')}s" for k, v in good.get("buckets", {}).items())
-            lines.append(
-                f"goodput  {_fmt_pct(good.get('fraction'))} of {total:.1f}s wall ({parts})"
-            )
-    return "\n".join(lines)
-
-
-def _fmt_pct(value: Any) -> str:
-    v = number(value)
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-# --------------------------------------------------------------------------- compare
-
-COMPARE_METRICS = ("loss", "tokens_per_s", "tflops_per_gpu", "mfu")
-
-
-def compare_receipts(a: Receipt, b: Receipt) -> dict[str, Any]:
-    """Matching steps of two runs over the window where both are past warm-up.
-
-    The window starts at the later of the two runs' first non-warm-up steps; inside it,
-    only steps both runs logged and neither flagged as warm-up are compared. Returns
-    ``{window: [start, end] or None, rows: [{step, a: {...}, b: {...}}], means: {metric:
-    (a, b)}}``.
-    """
-    post_a = {iv["step"]: iv for iv in a.post_warmup()}
-    post_b = {iv["step"]: iv for iv in b.post_warmup()}
-    if not post_a or not post_b:
-        return {"window": None, "rows": [], "means": {}}
-    start = max(min(post_a), min(post_b))
-    steps = sorted(s for s in set(post_a) & set(post_b) if s >= start)
-    rows = [
-        {
-            "step": s,
-            "a": {m: number(post_a[s].get(m)) for m in COMPARE_METRICS},
-            "b": {m: number(post_b[s].get(m)) for m in COMPARE_METRICS},
-        }
-        for s in steps
-    ]
-    means: dict[str, tuple[float | None, float | None]] = {}
-    for m in COMPARE_METRICS:
-        pair = []
-        for side in ("a", "b"):
-            vals = [r[side][m] for r in rows if r[side][m] is not None]
-            pair.append(sum(vals) / len(vals) if vals else None)
-        means[m] = (pair[0], pair[1])
-    return {"window": [steps[0], steps[-1]] if steps else None, "rows": rows, "means": means}
-
-
-def format_comparison(a: Receipt, b: Receipt) -> str:
-    """The comparison as a side-by-side table (A | B | B/A per metric)."""
-    result = compare_receipts(a, b)
-    lines = [f"A  {a.label}  ({a.path})", f"B  {b.label}  ({b.path})"]
-    for name, get in (
-        ("recipe", lambda r: (r.data.get("recipe") or {}).get("name")),
-        ("pattern", lambda r: (r.data.get("pattern") or {}).get("pattern")),
-        ("status", lambda r: r.data["run"].get("status")),
-    ):
-        va, vb = get(a), get(b)
-        lines.append(f"{name:<8} A {va}  B {vb}" if va != vb else f"{name:<8} {va} (both)")
-    if result["window"] is None:
-        lines.append("no common steps past warm-up: nothing to compare")
-        return "\n".join(lines)
-    lo, hi = result["window"]
-    lines.append(f"window   steps {lo}..{hi} past warm-up in both ({len(result['rows'])} steps)")
-    header = (
-        f"{'step':>7} | {'loss A':>9} {'loss B':>9} {'B-A':>8} | "
-        f"{'tok/s A':>10} {'tok/s B':>10} {'B/A':>6} | {'MFU A':>6} {'MFU B':>6}"
-    )
-    lines += [header, "-" * len(header)]
-
-    def row(label: str, ma: dict, mb: dict) -> str:
-        la, lb = ma.get("loss"), mb.get("loss")
-        ta, tb = ma.get("tokens_per_s"), mb.get("tokens_per_s")
-        delta = _fmt(lb - la, "+.4f") if la is not None and lb is not None else "-"
-        ratio = _fmt(tb / ta, ".3f") if ta and tb is not None else "-"
-        return (
-            f"{label:>7} | {_fmt(la, '.4f'):>9} {_fmt(lb, '.4f'):>9} {delta:>8} | "
-            f"{_fmt(ta, ',.0f'):>10} {_fmt(tb, ',.0f'):>10} {ratio:>6} | "
-            f"{_fmt_pct(ma.get('mfu')):>6} {_fmt_pct(mb.get('mfu')):>6}"
-        )
-
-    for r in result["rows"]:
-        lines.append(row(str(r["step"]), r["a"], r["b"]))
-    lines.append("-" * len(header))
-    means = result["means"]
-    lines.append(
-        row("mean", {m: v[0] for m, v in means.items()}, {m: v[1] for m, v in means.items()})
-    )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def plot_receipts(receipts: Sequence[Receipt], output: Path | str) -> Path:
-    """Loss, each aux loss and tokens/s against step, one line per receipt, to a PNG.
-
-    Uses matplotlib's Agg canvas directly (no pyplot, no display). Warm-up intervals are
-    drawn too (hollow markers), so start-up cost stays visible.
-    """
-    if not receipts:
-        raise ReceiptError("plot needs at least one receipt")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is a dev dependency
-        raise ReceiptError("plotting needs matplotlib: pip install matplotlib") from err
-
-    aux_names: list[str] = []
-    for r in receipts:
-        for iv in r.intervals:
-            for name in iv.get("aux_losses") or {}:
-                if name not in aux_names:
-                    aux_names.append(name)
-    panels = [("loss", "loss", None)]
-    panels += [(f"aux: {n}", "aux_losses", n) for n in aux_names]
-    panels.append(("tokens/s", "tokens_per_s", None))
-
-    fig = Figure(figsize=(8, 2.6 * len(panels)), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (title, key, sub) in zip(axes, panels, strict=True):
-        for r in receipts:
-            steps, values, warm = [], [], []
-            for iv, is_warm in zip(r.intervals, r.warmup_flags(), strict=True):
-                raw = (iv.get(key) or {}).get(sub) if sub else iv.get(key)
-                v = number(raw)
-                if v is None:
-                    continue
-                steps.append(iv["step"])
-                values.append(v)
-                warm.append(is_warm)
-            if not steps:
-                continue
-            (line,) = ax.plot(steps, values, marker="o", markersize=3, label=r.label)
-            ws = [s for s, w in zip(steps, warm, strict=True) if w]
-            wv = [v for v, w in zip(values, warm, strict=True) if w]
-            if ws:
-                ax.plot(
-                    ws,
-                    wv,
-                    linestyle="none",
-                    marker="o",
-                    markersize=6,
-                    markerfacecolor="none",
-                    color=line.get_color(),
-                )
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    output = Path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(output, format="png")
-    except OSError as err:
-        raise ReceiptError(f"cannot write plot {output}: {err}") from err
-    return output
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _cmd_show(args) -> int:
-    receipt = load_receipt(args.file)
-    if args.json:
-        print(json.dumps(receipt.data, indent=2))
-    else:
-        print(format_receipt(receipt))
-    return 0
-
-
-def _cmd_compare(args) -> int:
-    a, b = load_receipt(args.a), load_receipt(args.b)
-    if args.json:
-        print(json.dumps(_jsonable(compare_receipts(a, b)), indent=2))
-    else:
-        print(format_comparison(a, b))
-    return 0
-
-
-def _cmd_plot(args) -> int:
-    receipts = [load_receipt(f) for f in args.files]
-    out = plot_receipts(receipts, args.output)
-    print(f"wrote {out}")
-    return 0
-
-
-def add_receipt_subcommand(sub) -> None:
-    """Register ``megacpp receipt show|compare|plot`` (called from cli.SUBCOMMANDS)."""
-    p = sub.add_parser(
-        "receipt",
-        help="show, compare and plot run receipts (JSON)",
-        description="Every training run writes one JSON receipt (schema_version "
-        f"{SCHEMA_VERSION}): recipe, pattern and roles, backends, versions, parallel sizes, "
-        "features, and per-interval loss, aux losses, throughput, MFU, memory and goodput.",
-    )
-    rsub = p.add_subparsers(dest="receipt_command", metavar="ACTION", required=True)
-    show = rsub.add_parser(
-        "show",
-        help="readable summary of one receipt",
-        description="Run, recipe, pattern, backends, versions, features, the last interval "
-        "and goodput of one receipt.",
-    )
-    show.add_argument("file", type=Path, help="a receipt (.json)")
-    show.add_argument("--json", action="store_true", help="print the whole receipt as JSON")
-    show.set_defaults(handler=_cmd_show)
-
-    cmp_ = rsub.add_parser(
-        "compare",
-        help="side-by-side table of two runs past warm-up",
-        description="Compare two receipts step by step over the window where both runs are "
-        "past warm-up: intervals flagged 'warmup' (by default the first warmup_intervals "
-        "of each run, 1 unless the run said otherwise) are left out, the window starts at the "
-        "later run's first post-warm-up step, and only steps both runs logged are shown, "
-        "with the window means last.",
-    )
-    cmp_.add_argument("a", type=Path, help="receipt A (the baseline)")
-    cmp_.add_argument("b", type=Path, help="receipt B")
-    cmp_.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    cmp_.set_defaults(handler=_cmd_compare)
-
-    plot = rsub.add_parser(
-        "plot",
-        help="plot loss, aux losses and tokens/s against step (PNG)",
-        description="One panel each for loss, every aux loss and tokens/s, one line per "
-        "receipt (hollow markers: warm-up intervals). Needs matplotlib.",
-    )
-    plot.add_argument("files", type=Path, nargs="+", metavar="FILE", help="receipts (.json)")
-    plot.add_argument("-o", "--output", type=Path, required=True, help="output PNG path")
-    plot.set_defaults(handler=_cmd_plot)

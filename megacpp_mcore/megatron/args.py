@@ -3,13 +3,13 @@
 :func:`add_megacpp_args` is an ``extra_args_provider`` for Megatron's
 ``parse_and_validate_args``: it adds one argument group, ``megacpp``, with every flag this
 plugin reads (``megacpp translate --target plugin`` emits them). Defaults and help texts come
-from the settings dataclasses of :mod:`megacpp_mcore.config` (each field is documented once,
-there). Later features add their flags to the same group, the same way.
+from the settings dataclasses of :mod:`megacpp_mcore.settings.config` (each field is documented
+once, there). Later features add their flags to the same group, the same way.
 
 The readers turn Megatron's parsed ``args`` back into this project's settings:
 :func:`recurrent_config_from_args`, :func:`mamba_config_from_args` and
 :func:`model_config_from_args` (the whole model section, used by the plugin's
-``--spec megacpp_mcore.specs.stack megacpp_stack_spec``). They refuse, with a
+``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec``). They refuse, with a
 :class:`SpecError`, values this project cannot build rather than approximating them.
 Importing this module does not import Megatron or torch.
 """
@@ -21,7 +21,9 @@ import dataclasses
 import typing
 from typing import Any
 
-from megacpp_mcore.config import (
+from megacpp_mcore.errors import PatternError, SpecError
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.settings.config import (
     DataConfig,
     GatedDeltaNetConfig,
     MambaConfig,
@@ -29,9 +31,7 @@ from megacpp_mcore.config import (
     MoEConfig,
     RecurrentConfig,
 )
-from megacpp_mcore.errors import PatternError, SpecError
-from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.recipe import BACKENDS, field_docs
+from megacpp_mcore.settings.recipe import BACKENDS, field_docs
 
 GROUP = "megacpp"
 
@@ -138,7 +138,7 @@ def _megacpp(args: Any, flag: str) -> Any:
     if not hasattr(args, dest):
         raise SpecError(
             f"Megatron's args have no {flag}: register the plugin's flags with "
-            "parse_and_validate_args(extra_args_provider=megacpp_mcore.megatron_args."
+            "parse_and_validate_args(extra_args_provider=megacpp_mcore.megatron.args."
             "add_megacpp_args)"
         )
     return getattr(args, dest)

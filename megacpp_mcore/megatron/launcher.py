@@ -10,7 +10,7 @@ forward step; the ~60 lines below are those, for Megatron's GPT datasets (indexe
 
 Receipts: a global optimizer step post-hook (a public torch API, so nothing in Megatron is
 patched) fires inside Megatron's optimizer step once per iteration and feeds the
-:class:`~megacpp_mcore.meter.IntervalMeter`; the loss comes from the loss function below,
+:class:`~megacpp_mcore.train.meter.IntervalMeter`; the loss comes from the loss function below,
 aux losses from Megatron's MoE tracker. Checkpoints are Megatron's (``--save``/``--load``);
 a resumed run continues its receipt.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from megacpp_mcore import compat
 from megacpp_mcore.backend import receipt_backends
 from megacpp_mcore.errors import MegacppError
-from megacpp_mcore.megatron_args import add_megacpp_args
-from megacpp_mcore.meter import IntervalMeter, moe_aux_losses
+from megacpp_mcore.megatron import compat
+from megacpp_mcore.megatron.args import add_megacpp_args
 from megacpp_mcore.receipt import Receipt, load_receipt
+from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
 
 #: the tracker of this process (set by main); the forward step and hooks report into it.
 TRACKER: RunTracker | None = None
@@ -129,8 +129,8 @@ class RunTracker:
             return
         from megatron.core import parallel_state
 
-        from megacpp_mcore.flops import model_flops_per_token, peak_tflops
-        from megacpp_mcore.specs.stack import megacpp_stack_spec
+        from megacpp_mcore.megatron.spec_seam import megacpp_stack_spec
+        from megacpp_mcore.train.flops import model_flops_per_token, peak_tflops
 
         args = self.args
         first_step = args.curr_iteration + 1
@@ -144,7 +144,7 @@ class RunTracker:
         world = torch.distributed.get_world_size()
         model_config = None
         if self.layout is not None:
-            from megacpp_mcore.megatron_args import model_config_from_args
+            from megacpp_mcore.megatron.args import model_config_from_args
 
             model_config = model_config_from_args(args)
         flops = model_flops_per_token(self.layout, model_config) if model_config else 0.0
@@ -276,7 +276,7 @@ def main() -> int:
     )
     from megatron.training.arguments import parse_and_validate_args
 
-    from megacpp_mcore.data import prepare_embedded
+    from megacpp_mcore.train.data import prepare_embedded
 
     compat.use_shipped_dataset_helpers()
     args = parse_and_validate_args(extra_args_provider=add_megacpp_args)

@@ -11,8 +11,8 @@ Two targets:
     refused (the stock hybrid spec is Transformer-Engine-only), and so is any setting stock
     Megatron cannot express.
 ``plugin``
-    The same flags, plus ``--spec megacpp_mcore.specs.stack megacpp_stack_spec`` and the
-    plugin's own flags (:mod:`megacpp_mcore.megatron_args`), so every layer, R included, is
+    The same flags, plus ``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec`` and the
+    plugin's own flags (:mod:`megacpp_mcore.megatron.args`), so every layer, R included, is
     built by this plugin. ``--hybrid-layer-pattern`` carries R in Megatron's ``G`` slot
     symbol and ``--megacpp-pattern`` gives the exact letter of every layer, so the plugin's
     stack tells R from G and never remaps silently.
@@ -26,8 +26,6 @@ Pure Python: nothing here imports torch or Megatron.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -36,18 +34,18 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron_args import MAMBA_FLAGS, R_FLAGS
-from megacpp_mcore.recipe import BYTE_VOCAB_SIZE, Recipe, add_set_argument, load_recipe
+from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
+from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
 MEGATRON_VERSION = "0.19.2"
 TARGETS = ("native", "plugin")
 FORMATS = ("args", "shell", "json")
 #: the plugin's hybrid stack spec object, for Megatron's ``--spec MODULE NAME``.
-SPEC = ("megacpp_mcore.specs.stack", "megacpp_stack_spec")
+SPEC = ("megacpp_mcore.megatron.spec_seam", "megacpp_stack_spec")
 #: the Megatron pretrain launcher the shell format runs.
 LAUNCHER = "scripts/pretrain_nam.py"
-#: end-of-document id of the byte tokenizer (megacpp_mcore.data.EOD_ID): the last byte id + 1.
+#: end-of-document id of the byte tokenizer (megacpp_mcore.train.data.EOD_ID): the last byte id + 1.
 BYTE_EOD_ID = BYTE_VOCAB_SIZE - 1
 
 #: letter -> (layer module, mixer module) that stock Megatron's hybrid_stack_spec builds.
@@ -630,45 +628,6 @@ def translate(recipe: Recipe, target: str = "native",
     )
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def _cmd_translate(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.set)
-    command = ("megacpp", "translate", args.recipe, "--target", args.target,
-               "--format", args.format, *(x for s in args.set for x in ("--set", s)))
-    plan = translate(recipe, args.target, command=command)
-    if args.format == "args":
-        print(plan.args_line())
-    elif args.format == "shell":
-        print(plan.shell_script(), end="")
-    else:
-        print(json.dumps(plan.to_json(), indent=2))
-    return 0
-
-
-def add_translate_subcommand(sub: argparse._SubParsersAction) -> None:
-    """Register ``megacpp translate``."""
-    p = sub.add_parser(
-        "translate",
-        help="translate a recipe into Megatron-LM flags (native or plugin)",
-        description="Lower a recipe into Megatron-LM 0.19.2 flags. --target native emits only "
-        "what stock Megatron builds with its own hybrid_stack_spec (R layers are refused "
-        "unless the recipe sets r_lowering); --target plugin adds --spec "
-        "megacpp_mcore.specs.stack megacpp_stack_spec and the plugin's --megacpp-* flags. "
-        "Recipes that cannot be translated faithfully exit with status 2.",
-    )
-    p.add_argument("recipe", help="a recipe name in recipes/ (e.g. nam56r) or a YAML path")
-    add_set_argument(p)
-    p.add_argument("--target", choices=TARGETS, default="native",
-                   help="native (stock Megatron) or plugin (this plugin's stack); default "
-                   "native")
-    p.add_argument("--format", choices=FORMATS, default="args",
-                   help="args: one shell-quoted line; shell: a torchrun launch script; json: "
-                   "the plan (default args)")
-    p.set_defaults(handler=_cmd_translate)
-
-
 __all__ = [
     "LAUNCHER",
     "MEGATRON_VERSION",
@@ -677,7 +636,6 @@ __all__ = [
     "SPEC",
     "Flag",
     "Plan",
-    "add_translate_subcommand",
     "native_refusals",
     "translate",
     "world_size",

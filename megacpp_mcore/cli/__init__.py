@@ -1,0 +1,1 @@
+"""The ``megacpp`` command line: one module per subcommand."""

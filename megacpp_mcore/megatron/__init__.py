@@ -1,0 +1,1 @@
+"""Everything that speaks Megatron-LM: flags, parsed args, the --spec seam, the launcher, compat."""

@@ -1,0 +1,1 @@
+"""Typed settings, the one table of settings, and YAML recipes (pure Python)."""

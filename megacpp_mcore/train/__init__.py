@@ -1,0 +1,1 @@
+"""Training: the hook contract both loops call, the CPU loop, metering, FLOPs, data."""
