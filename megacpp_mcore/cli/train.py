@@ -90,9 +90,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("no CUDA GPU: training on the CPU path (same model, data and receipt; a plain "
               "PyTorch optimizer instead of Megatron's pretrain, which requires CUDA)"
               if args.device is None else "training on the CPU path", flush=True)
+        from megacpp_mcore.features import build_training_hooks
         from megacpp_mcore.train.cpu_loop import train_on_cpu
 
-        receipt = train_on_cpu(recipe, receipt_path=receipt_path)
+        receipt = train_on_cpu(recipe, receipt_path=receipt_path,
+                               hooks=build_training_hooks(recipe))
         print(summary(receipt))
         return 0
     command, env = gpu_command(recipe, args.nproc, receipt_path, list(args.megatron_args))

@@ -25,6 +25,8 @@ Schema (``schema_version`` 1; ``kind`` is always ``"megacpp-receipt"``)::
                       gpu_name, gpu_count, megacpp_mcore}   null where absent
     parallel         {tensor, pipeline, expert, context, data, ...}   as given
     features         [{name, from_step, settings}]   training-time features (plasticity, STP)
+    events           [{step, kind, touched, seconds, ...}]   interventions (FIRE, DASH,
+                     ReDo), in order; absent in receipts written before events existed
     model            {flops_per_token, peak_tflops, ...} or {}   free-form model facts
     warmup_intervals int: the first N logged intervals count as warm-up unless an
                      interval says otherwise (its own "warmup" flag wins)
@@ -295,6 +297,7 @@ class Receipt:
             "versions": jsonable(dict(versions) if versions is not None else collect_versions()),
             "parallel": jsonable(parallel if parallel is not None else {}),
             "features": [],
+            "events": [],
             "model": jsonable(dict(model or {})),
             "warmup_intervals": int(warmup_intervals),
             "intervals": [],
@@ -342,6 +345,18 @@ class Receipt:
         self.data["features"].append(
             {"name": name, "from_step": int(from_step), "settings": jsonable(settings or {})}
         )
+        if write:
+            self.write()
+
+    def add_events(self, events: Sequence[Mapping[str, Any]], *, write: bool = True) -> None:
+        """Append interventions (``{"step", "kind", "touched", "seconds", ...}``)."""
+        if not events:
+            return
+        for event in events:
+            for key, kind in (("step", int), ("kind", str)):
+                if not isinstance(event.get(key), kind):
+                    raise ReceiptError(f"event {dict(event)!r}: {key!r} must be a {kind.__name__}")
+        self.data.setdefault("events", []).extend(jsonable(dict(e)) for e in events)
         if write:
             self.write()
 

@@ -27,6 +27,7 @@ from megacpp_mcore.settings.config import TrainingConfig
 from megacpp_mcore.settings.recipe import Recipe
 from megacpp_mcore.train.data import TokenWindows, prepare_embedded
 from megacpp_mcore.train.flops import model_flops_per_token
+from megacpp_mcore.train.hooks import HookContext, HookList
 from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
 
 TRAINING_PATH = "cpu: torch AdamW over the Megatron model (Megatron's pretrain needs CUDA)"
@@ -78,8 +79,14 @@ def train_on_cpu(
     receipt_path: Path | None = None,
     train_iters: int | None = None,
     print_fn: Callable[[str], None] | None = print,
+    hooks: HookList | None = None,
 ) -> Receipt:
-    """Train ``recipe`` on the CPU; returns the (finished) receipt."""
+    """Train ``recipe`` on the CPU; returns the (finished) receipt.
+
+    ``hooks``: the run's training hooks (:mod:`megacpp_mcore.train.hooks`), built from the
+    recipe by :func:`megacpp_mcore.features.build_training_hooks`; called at the same points
+    of an iteration as on the Megatron path.
+    """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megacpp_mcore.distributed import init_process_groups
@@ -99,6 +106,9 @@ def train_on_cpu(
     seq = recipe.model.seq_length
     positions = torch.arange(seq).expand(training.micro_batch_size, seq)
     optimizer = _optimizer(model, training)
+    hooks = hooks if hooks is not None else HookList()
+    hooks.install([model], HookContext(num_microbatches=micro_batches, path="cpu",
+                                       layout=layout))
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / micro_batches))
 
     receipt = Receipt.create(
@@ -131,6 +141,7 @@ def train_on_cpu(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
+            hooks.before_step(step + 1, [model], optimizer)
             for micro in range(micro_batches):
                 with meter.goodput.measure("data_wait"):
                     batch = windows.batch(step * micro_batches + micro)
@@ -142,5 +153,10 @@ def train_on_cpu(
             if training.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip_grad)
             optimizer.step()
+            hooks.after_step(step + 1, [model], optimizer)
+            for bucket, seconds in hooks.pop_timings().items():
+                meter.goodput.add(bucket, seconds)
+            meter.add_aux(hooks.metrics())
+            receipt.add_events(hooks.events())
             meter.step_done(step + 1, lr)
     return receipt
