@@ -21,7 +21,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
-from megacpp_mcore.layout import Layout
+from megacpp_mcore.layout import STAGE_SEPARATOR, Layout, parse_pattern
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import size_problems
 from megacpp_mcore.settings.table import FIXED, SETTINGS
@@ -92,6 +92,33 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def stage_problem(layout: Layout, pipeline: int, *, one_rank_builds_all: bool = True
+                  ) -> str | None:
+    """Why ``layout``'s '|' stages cannot be built at this pipeline size, or None.
+
+    Megatron builds, on each pipeline rank, the '|' segment of that rank (more segments
+    than ranks are virtual pipeline stages); with a different count and no virtual pipeline
+    it builds a part of the model and calls it the model. ``build_model`` builds every
+    stage on one rank (``one_rank_builds_all``); Megatron's own builder cannot.
+    """
+    stages = len(layout.stages)
+    if stages > 1 and stages != pipeline and (pipeline > 1 or not one_rank_builds_all):
+        also = " (or pipeline size 1, which builds every stage in one process)" if (
+            one_rank_builds_all) else ""
+        return (f"the pattern {layout.canonical!r} has {stages} pipeline stages ('|') but the "
+                f"pipeline-parallel size is {pipeline}: they must be equal{also}; Megatron "
+                "would build only the stages of its ranks")
+    return None
+
+
+def built_stages(layout: Layout, pipeline: int) -> Layout:
+    """The layout as built at this pipeline size: with one pipeline rank the '|' stage marks
+    are dropped, so every stage is built (Megatron would otherwise build only the first)."""
+    if pipeline == 1 and len(layout.stages) > 1:
+        return parse_pattern(layout.canonical.replace(STAGE_SEPARATOR, ""))
+    return layout
+
+
 def build_model(
     layout: Layout,
     model: ModelConfig,
@@ -105,9 +132,10 @@ def build_model(
 ) -> HybridModel:
     """A Megatron ``HybridModel`` for ``layout`` with ``model``'s sizes.
 
-    The parallel split is Megatron's current one (``sequence_parallel`` as asked). The model
-    carries the dispatcher's record as ``model.backend_record`` (what each family asked for
-    and what was built).
+    The parallel split is Megatron's current one (``sequence_parallel`` as asked). A pattern
+    with '|' stages needs as many pipeline ranks as stages, or one, which builds them all.
+    The model carries the dispatcher's record as ``model.backend_record`` (what each family
+    asked for and what was built).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -118,6 +146,9 @@ def build_model(
     if layout.mtp and parallel.pipeline > 1:
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
+    problem = stage_problem(layout, parallel.pipeline)
+    if problem:
+        raise SpecError(problem)
     plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
@@ -127,7 +158,8 @@ def build_model(
         hybrid_stack_spec=build_stack_spec(layout, model, plan),
         vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor),
         max_sequence_length=model.seq_length,
-        hybrid_layer_pattern=megatron_pattern(layout, PLUGIN_SYMBOLS),
+        hybrid_layer_pattern=megatron_pattern(built_stages(layout, parallel.pipeline),
+                                              PLUGIN_SYMBOLS),
         pre_process=pp_first if pre_process is None else pre_process,
         post_process=pp_last if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,

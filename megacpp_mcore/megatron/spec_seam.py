@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.model import stage_problem
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -73,6 +74,10 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     if args.hybrid_layer_pattern != expected:
         raise SpecError(f"--hybrid-layer-pattern {args.hybrid_layer_pattern!r} does not encode "
                         f"--megacpp-pattern {pattern!r}; expected {expected!r}")
+    problem = stage_problem(layout, args.pipeline_model_parallel_size,
+                            one_rank_builds_all=False)
+    if problem:
+        raise SpecError(problem)
     impl = {"transformer_engine": "te", "local": "local"}.get(args.transformer_impl)
     if impl is None:
         raise SpecError(f"--transformer-impl {args.transformer_impl!r}: the plugin stack builds "
