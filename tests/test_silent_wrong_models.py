@@ -7,16 +7,19 @@ refused when the settings are made, naming the key.
 
 import pytest
 import torch
+from megatron.training.argument_utils import hybrid_config_from_args
 
 from megacpp_mcore import model as model_module
+from megacpp_mcore.backend import BackendPlan, FamilyBuild
 from megacpp_mcore.errors import SpecError
-from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.layout import FAMILIES, parse_pattern
 from megacpp_mcore.megatron.spec_seam import stack_spec_from_megatron_args
 from megacpp_mcore.megatron.translate import translate
-from megacpp_mcore.model import build_model, stage_problem
+from megacpp_mcore.model import build_model, stage_problem, transformer_config
 from megacpp_mcore.receipt import load_receipt
 from megacpp_mcore.settings.config import ParallelConfig
-from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.settings.recipe import known_recipes, load_recipe
+from megacpp_mcore.settings.table import FIXED, SETTINGS
 from megacpp_mcore.train.cpu_loop import train_on_cpu
 from megacpp_mcore.train.hooks import HookList, TrainingHook
 from tests.conftest import tiny_model_config
@@ -70,3 +73,43 @@ def test_spec_seam_refuses_stages_megatron_would_build_in_part(megatron_single_p
         args.pipeline_model_parallel_size = 1
         with pytest.raises(SpecError, match="has 2 pipeline stages"):
             stack_spec_from_megatron_args(args)
+
+
+# --------------------------------------------------------------------------- (b) one config
+
+
+def _single(value):
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _gpu_plan(recipe, args):
+    """The backend plan build_model makes on a GPU machine for what the flags ask."""
+    built = "te" if args.transformer_impl == "transformer_engine" else "local"
+    families = {
+        letter: FamilyBuild(letter, FAMILIES[letter], recipe.backend, built,
+                            recipe.model.moe.token_dispatcher if letter == "E" else None,
+                            "as on a GPU machine")
+        for letter in FAMILIES if recipe.layout.has(letter)}
+    return BackendPlan(recipe.backend, built, cuda=True, families=families)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    *[(name, []) for name in known_recipes()],
+    ("tiny", ["model.activation=squared_relu"]),
+    ("tiny", ["model.activation=gelu", "model.position_embedding=none"]),
+])
+def test_build_model_and_the_launcher_make_the_same_transformer_config(name, overrides):
+    recipe = load_recipe(name, overrides)
+    plan = translate(recipe, "plugin")
+    with parsed_megatron_args(plan) as args:
+        launcher = hybrid_config_from_args(args).transformer
+        ours = transformer_config(recipe.layout, recipe.model, recipe.precision,
+                                  recipe.parallel, _gpu_plan(recipe, args))
+    letters = recipe.layout.letters
+    fields = {field for row in SETTINGS if row.used_by(letters) for field in row.config}
+    fields |= {fixed.config for fixed in FIXED}
+    fields |= {"num_layers", "mtp_num_layers", "transformer_impl", "bias_activation_fusion",
+               "bias_dropout_fusion", "activation_func", "gated_linear_unit", "params_dtype"}
+    assert len(fields) > 30
+    for field in sorted(fields):
+        assert _single(getattr(ours, field)) == _single(getattr(launcher, field)), field
