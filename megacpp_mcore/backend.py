@@ -19,6 +19,7 @@ import torch
 
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import FAMILIES, Layout
+from megacpp_mcore.ops.m2rnn_checks import fused_head_dims_problem
 
 BACKENDS = ("auto", "te", "local")
 
@@ -89,12 +90,15 @@ def resolve_backend(
     layout: Layout,
     cuda: bool | None = None,
     moe_dispatcher: str = "alltoall",
+    r_head_dims: tuple[int, int] | None = None,
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
     ``moe_dispatcher`` is the token dispatcher the settings ask for; without CUDA Megatron's
     alltoall dispatcher cannot be built (it allocates CUDA streams), so E layers then use
     allgather, which routes identically at expert-parallel size 1, and the record says so.
+    ``r_head_dims`` (k_head_dim, v_head_dim) of R layers: sizes the fused scan is not built
+    for run the reference scan, and the record says why.
     """
     if requested not in BACKENDS:
         raise SpecError(f"backend {requested!r} is not known; accepted: {', '.join(BACKENDS)}")
@@ -133,7 +137,10 @@ def resolve_backend(
                 reason = f"{why}; PyTorch reference SSD scan (" + (
                     "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
         elif letter == "R":
-            if cuda:
+            unsupported = r_head_dims and fused_head_dims_problem(*r_head_dims)
+            if cuda and unsupported:
+                path, reason = "reference", f"{why}; PyTorch reference M2RNN scan ({unsupported})"
+            elif cuda:
                 path, reason = "fused", f"{why}; Triton M2RNN scan"
             else:
                 path, reason = "reference", f"{why}; PyTorch reference M2RNN scan (no CUDA)"

@@ -70,6 +70,15 @@ class Layer:
     stage: int
     mtp_part: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.letter, str) or self.letter not in FAMILIES:
+            raise PatternError(f"layer {self.index!r}: unknown letter {self.letter!r}\n{ACCEPTED}")
+        for name in ("index", "stage", "mtp_part"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PatternError(f"layer {self.index!r} ({self.letter}): {name} must be an "
+                                   f"integer >= 0, got {value!r}")
+
     @property
     def number(self) -> int:
         return self.index + 1
@@ -85,6 +94,38 @@ class Layout:
 
     layers: tuple[Layer, ...]
     mtp_layers: tuple[Layer, ...] = ()
+
+    def __post_init__(self) -> None:
+        """A Layout built directly (not by :func:`parse_pattern`) obeys the same contract."""
+        for name in ("layers", "mtp_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple | list) or not all(
+                    isinstance(x, Layer) for x in value):
+                raise PatternError(f"Layout.{name} must be a tuple of Layer, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.layers:
+            raise PatternError(f"a layout needs at least one layer\n{ACCEPTED}")
+        previous = 0
+        for i, layer in enumerate(self.layers):
+            if layer.index != i or layer.mtp_part != 0:
+                raise PatternError(f"main-decoder layer {i + 1}: expected index {i} and "
+                                   f"mtp_part 0, got index {layer.index}, mtp_part "
+                                   f"{layer.mtp_part}")
+            if layer.stage not in (previous, previous + 1) or (i == 0 and layer.stage != 0):
+                raise PatternError(f"main-decoder layer {i + 1}: pipeline stages start at 0 "
+                                   f"and grow by one, got stage {layer.stage} after {previous}")
+            previous = layer.stage
+        parts: dict[int, list[Layer]] = {}
+        for layer in self.mtp_layers:
+            parts.setdefault(layer.mtp_part, []).append(layer)
+        if sorted(parts) != list(range(1, len(parts) + 1)):
+            raise PatternError(f"MTP parts must be numbered 1..{len(parts)}, got {sorted(parts)}")
+        first = [x.letter for x in parts.get(1, [])]
+        for k, part in parts.items():
+            if [x.index for x in part] != list(range(len(part))) or [
+                    x.letter for x in part] != first or any(x.stage != previous for x in part):
+                raise PatternError(f"MTP part {k}: layers must be indexed 0.. on the last stage "
+                                   f"({previous}) and identical to MTP part 1 {''.join(first)!r}")
 
     @property
     def depth(self) -> int:

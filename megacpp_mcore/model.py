@@ -23,7 +23,7 @@ from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import STAGE_SEPARATOR, Layout, parse_pattern
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
-from megacpp_mcore.settings.sizes import size_problems
+from megacpp_mcore.settings.sizes import plugin_problems, size_problems
 from megacpp_mcore.settings.table import FIXED, SETTINGS
 from megacpp_mcore.specs.stack import build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
@@ -92,6 +92,11 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def r_head_dims(model: ModelConfig) -> tuple[int, int]:
+    """The R layers' (k_head_dim, v_head_dim), which decide whether the fused scan runs."""
+    return model.recurrent.k_head_dim, model.recurrent.v_head_dim
+
+
 def stage_problem(layout: Layout, pipeline: int, *, one_rank_builds_all: bool = True
                   ) -> str | None:
     """Why ``layout``'s '|' stages cannot be built at this pipeline size, or None.
@@ -139,7 +144,7 @@ def build_model(
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
-    problems = size_problems(layout, model, parallel)
+    problems = size_problems(layout, model, parallel) + plugin_problems(layout, parallel)
     if problems:
         raise SpecError("the model does not fit its layout and parallel split:\n  "
                         + "\n  ".join(problems))
@@ -149,7 +154,8 @@ def build_model(
     problem = stage_problem(layout, parallel.pipeline)
     if problem:
         raise SpecError(problem)
-    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+                                   r_head_dims=r_head_dims(model))
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

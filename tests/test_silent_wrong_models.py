@@ -5,14 +5,17 @@ agree on the TransformerConfig; (c) size rules Megatron enforces only at build t
 refused when the settings are made, naming the key.
 """
 
+import dataclasses
+import re
+
 import pytest
 import torch
 from megatron.training.argument_utils import hybrid_config_from_args
 
 from megacpp_mcore import model as model_module
-from megacpp_mcore.backend import BackendPlan, FamilyBuild
-from megacpp_mcore.errors import SpecError
-from megacpp_mcore.layout import FAMILIES, parse_pattern
+from megacpp_mcore.backend import BackendPlan, FamilyBuild, resolve_backend
+from megacpp_mcore.errors import PatternError, RecipeError, SpecError, TranslateError
+from megacpp_mcore.layout import FAMILIES, Layer, Layout, parse_pattern
 from megacpp_mcore.megatron.spec_seam import stack_spec_from_megatron_args
 from megacpp_mcore.megatron.translate import translate
 from megacpp_mcore.model import build_model, stage_problem, transformer_config
@@ -113,3 +116,73 @@ def test_build_model_and_the_launcher_make_the_same_transformer_config(name, ove
     assert len(fields) > 30
     for field in sorted(fields):
         assert _single(getattr(ours, field)) == _single(getattr(launcher, field)), field
+
+
+# --------------------------------------------------------------------------- (c) size rules
+
+
+def test_shared_expert_width_is_checked_against_tensor_parallel_at_load():
+    with pytest.raises(RecipeError, match=r"model\.moe\.shared_expert_ffn_hidden_size \(1023\) "
+                       r"must be divisible by parallel\.tensor \(2\)"):
+        load_recipe("nam56r", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                               "model.moe.shared_expert_ffn_hidden_size=1023"])
+
+
+def test_mamba_heads_and_groups_are_checked_against_context_parallel_at_load():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("nam52", ["parallel.tensor=1", "parallel.sequence_parallel=false",
+                              "parallel.context=4", "model.mamba.num_groups=2",
+                              "model.mamba.num_heads=6"])
+    message = str(info.value)
+    assert "Mamba heads per tensor-parallel rank (6 / 1) (6) must be divisible by " \
+           "parallel.context (4)" in message
+    assert "parallel.context (4) must be divisible by model.mamba.num_groups per " \
+           "tensor-parallel rank (2 / 1) (2)" not in message  # 4 % 2 == 0: this one holds
+    assert load_recipe("nam52", ["parallel.tensor=1", "parallel.sequence_parallel=false",
+                                 "parallel.context=4"]).parallel.context == 4
+
+
+def test_plugin_mixers_refuse_context_parallel_before_building(monkeypatch):
+    with pytest.raises(TranslateError, match=r"the plugin's Mamba-2 mixer \(M layers 3\)"):
+        translate(load_recipe("tiny", ["parallel.context=2"]), "plugin")
+    monkeypatch.setattr(model_module, "current_parallel", lambda: ParallelConfig(context=2))
+    with pytest.raises(SpecError, match=r"the plugin's recurrent mixer \(R layers 1\)"):
+        build_model(parse_pattern("RA"), tiny_model_config(), backend="local")
+
+
+def test_build_model_refuses_a_shared_expert_width_megatron_would_assert_on(monkeypatch):
+    monkeypatch.setattr(model_module, "current_parallel", lambda: ParallelConfig(tensor=2))
+    moe = dataclasses.replace(tiny_model_config().moe, shared_expert_ffn_hidden_size=33)
+    with pytest.raises(SpecError, match=r"shared_expert_ffn_hidden_size \(33\)"):
+        build_model(parse_pattern("E"), tiny_model_config(moe=moe), backend="local",
+                    sequence_parallel=True)
+
+
+def test_r_head_sizes_the_fused_scan_lacks_fall_back_to_the_reference_and_say_so():
+    layout = parse_pattern("RA")
+    plan = resolve_backend("local", layout, cuda=True, r_head_dims=(48, 16))
+    assert plan.families["R"].path == "reference"
+    assert "supports k_head_dim in (16, 32, 64, 128, 256)" in plan.families["R"].reason
+    assert resolve_backend("local", layout, cuda=True, r_head_dims=(64, 16)).path("R") == "fused"
+
+
+@pytest.mark.parametrize(("build", "needle"), [
+    (lambda: Layout(layers=(Layer(0, "X", 0),)), "unknown letter 'X'"),
+    (lambda: Layer(0, "a", 0), "unknown letter 'a'"),
+    (lambda: Layer(0, "A", -1), "stage must be an integer >= 0"),
+    (lambda: Layout(layers=()), "at least one layer"),
+    (lambda: Layout(layers=(Layer(0, "A", 0), Layer(1, "M", 2))), "grow by one"),
+    (lambda: Layout(layers=(Layer(1, "A", 0),)), "expected index 0"),
+    (lambda: Layout(layers=(Layer(0, "A", 0),), mtp_layers=(Layer(0, "M", 0, 1),
+                                                           Layer(0, "A", 0, 2))),
+     "identical to MTP part 1"),
+    (lambda: Layout(layers="AEM"), "must be a tuple of Layer"),
+])
+def test_a_layout_built_directly_is_checked(build, needle):
+    with pytest.raises(PatternError, match=re.escape(needle)):
+        build()
+
+
+def test_a_layout_built_directly_equals_the_parsed_one():
+    layers = tuple(Layer(i, x, 0 if i < 2 else 1) for i, x in enumerate("AEMF"))
+    assert Layout(layers=layers) == parse_pattern("AE|MF")

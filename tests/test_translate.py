@@ -99,7 +99,8 @@ def assert_matches(args, config, plan):
                     next(k for k, v in sections.items() if v == f.name)):
                 continue  # a family the layout does not use: Megatron keeps its defaults
             assert getattr(parsed, f.name) == getattr(m, f.name), f.name
-        assert recurrent_config_from_args(args) == m.recurrent
+        if layout.has("R"):
+            assert recurrent_config_from_args(args) == m.recurrent
     else:
         assert args.spec is None and args.megacpp_pattern is None
 
@@ -151,7 +152,7 @@ VARIATIONS = [
     ("tiny", "plugin", ["parallel.expert=4", "training.micro_batch_size=2"]),
     ("tiny", "plugin", ["parallel.pipeline=2"]),
     ("tiny", "plugin", ["pattern=AEM|FRA", "parallel.pipeline=2"]),
-    ("tiny", "plugin", ["parallel.context=2"]),
+    ("tiny", "plugin", ["parallel.context=2", "pattern=AEFA"]),
     ("tiny", "plugin", ["pattern=AEMFRA/MA", "mtp_depths=1"]),
     ("tiny", "plugin", ["pattern=AEMFRA/MF/MF", "mtp_depths=2"]),
     ("tiny", "plugin", ["precision.params_dtype=bf16"]),
@@ -322,7 +323,8 @@ def test_env_and_world_size():
     assert translate(load_recipe("tiny"), "plugin").env == ()
     assert translate(load_recipe("nam56r"), "plugin").nproc == 8
     assert translate(load_recipe("tiny", ["parallel.context=2", "parallel.expert=4",
-                                          "training.micro_batch_size=2"]), "plugin").nproc == 4
+                                          "training.micro_batch_size=2", "pattern=AEFA"]),
+                     "plugin").nproc == 4
 
 
 def test_megacpp_flags_validate_their_values():

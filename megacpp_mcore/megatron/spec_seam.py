@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.model import stage_problem
+from megacpp_mcore.model import r_head_dims, stage_problem
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -86,7 +86,8 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     # without TE); without it, --transformer-impl is taken literally.
     backend = getattr(args, "megacpp_backend", None) or impl
     model = model_config_from_args(args)
-    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+                           r_head_dims=r_head_dims(model))
     return build_stack_spec(layout, model, plan)
 
 

@@ -35,6 +35,7 @@ from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
+from megacpp_mcore.settings.sizes import plugin_problems
 from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
@@ -325,6 +326,10 @@ def translate(recipe: Recipe, target: str = "native",
                 "Megatron's MTP block builds its layers by Megatron symbol. Keep R in the "
                 "main pattern."
             )
+        problems = plugin_problems(layout, recipe.parallel)
+        if problems:
+            raise TranslateError(f"{recipe.where}: cannot translate for --target plugin:\n  - "
+                                 + "\n  - ".join(problems))
         built, symbols = layout, PLUGIN_SYMBOLS
     else:
         problems = native_refusals(recipe)

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+#: head sizes the fused (Triton) scan is built for; the reference scan takes any size.
+SUPPORTED_K = (16, 32, 64, 128, 256)
+SUPPORTED_V = (16, 32, 64)
+
+
+def fused_head_dims_problem(k_head_dim: int, v_head_dim: int) -> str | None:
+    """Why the fused scan cannot run these head sizes, or None."""
+    if k_head_dim in SUPPORTED_K and v_head_dim in SUPPORTED_V:
+        return None
+    return (f"the fused M2RNN scan supports k_head_dim in {SUPPORTED_K} and v_head_dim in "
+            f"{SUPPORTED_V}, got {k_head_dim} and {v_head_dim}")
+
 
 def check_scan_inputs(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int]:
     """Check the shapes, dtypes and devices every path shares; return ``(B, T, H, K, V)``.

@@ -40,10 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megacpp_mcore.ops.m2rnn_checks import check_scan_inputs
+from megacpp_mcore.ops.m2rnn_checks import SUPPORTED_K, SUPPORTED_V, check_scan_inputs
 
-SUPPORTED_K = (16, 32, 64, 128, 256)
-SUPPORTED_V = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BACKWARD_CHUNK = 1024
 # Largest [BK, V, V] intermediate the broadcast-and-reduce product may build per program.

@@ -1,7 +1,10 @@
 """Size rules a model must satisfy for its layout and parallel split (pure Python).
 
 One list of rules, used by the model builder (which refuses to build) and by recipe
-validation (which refuses to load), so the two never disagree. Only the families the layout
+validation (which refuses to load), so the two never disagree: every divisibility a
+tensor/expert/context-parallel split implies, including the ones Megatron itself asserts only
+while building layers (shared-expert width, Mamba heads and groups under context
+parallelism). Only the families the layout
 uses are checked. Each problem names the fields in conflict.
 """
 
@@ -49,6 +52,9 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
         _divides(problems, moe.num_experts, "model.moe.num_experts", parallel.expert,
                  "parallel.expert")
         _divides(problems, moe.ffn_hidden_size, "model.moe.ffn_hidden_size", tp, tp_name)
+        if moe.shared_expert_ffn_hidden_size is not None:
+            _divides(problems, moe.shared_expert_ffn_hidden_size,
+                     "model.moe.shared_expert_ffn_hidden_size", tp, tp_name)
         if tp > 1 and not parallel.sequence_parallel:
             problems.append("MoE layers with parallel.tensor > 1 need parallel.sequence_parallel "
                             "(Megatron's rule)")
@@ -61,6 +67,20 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
                  "model.mamba.num_groups")
         _divides(problems, heads, "Mamba heads (model.mamba.num_heads)", tp, tp_name)
         _divides(problems, mamba.num_groups, "model.mamba.num_groups", tp, tp_name)
+        cp = parallel.context
+        if cp > 1 and heads % tp == 0 and mamba.num_groups % tp == 0:
+            # Megatron's MambaContextParallel splits each TP rank's heads and groups over CP
+            local_heads, local_groups = heads // tp, mamba.num_groups // tp
+            per_rank = " per tensor-parallel rank"
+            _divides(problems, local_heads, f"Mamba heads{per_rank} ({heads} / {tp})", cp,
+                     "parallel.context")
+            if local_groups < cp:
+                _divides(problems, cp, "parallel.context", local_groups,
+                         f"model.mamba.num_groups{per_rank} ({mamba.num_groups} / {tp})")
+            else:
+                _divides(problems, local_groups,
+                         f"model.mamba.num_groups{per_rank} ({mamba.num_groups} / {tp})", cp,
+                         "parallel.context")
     if layout.has("R"):
         _divides(problems, model.recurrent.num_heads, "model.recurrent.num_heads", tp, tp_name)
     if layout.has("G"):
@@ -77,4 +97,19 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
     if parallel.context > 1:
         _divides(problems, model.seq_length, "model.seq_length", 2 * parallel.context,
                  "2 * parallel.context")
+    return problems
+
+
+def plugin_problems(layout: Layout, parallel: ParallelConfig) -> list[str]:
+    """Rules of the layers this plugin builds itself (its M and R mixers), on top of
+    :func:`size_problems`; the native target builds M with Megatron's own MambaMixer."""
+    problems: list[str] = []
+    if parallel.context > 1:
+        for letter, name in (("M", "Mamba-2"), ("R", "recurrent")):
+            if layout.has(letter):
+                problems.append(
+                    f"parallel.context ({parallel.context}) > 1: the plugin's {name} mixer "
+                    f"({letter} layers {', '.join(map(str, layout.positions(letter)))}) does "
+                    "not split the sequence; use parallel.context 1 (or, for M, the native "
+                    "target)")
     return problems
