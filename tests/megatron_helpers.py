@@ -1,8 +1,9 @@
 """Running Megatron's own argument parser in tests, on a CPU machine.
 
-``megatron_parse(plan)`` feeds a translation's flags to ``parse_and_validate_args`` (with the
-plugin's extra args) as a GPU machine of the plan's size would see them, with Megatron's
-global state saved and restored around it.
+``megatron_parse(plan)`` feeds a translation's flags to ``parse_and_validate_args`` as a GPU
+machine of the plan's size would see them, with Megatron's global state saved and restored
+around it. Plugin plans get the plugin's extra args provider; native plans get none, as
+stock Megatron-LM has none.
 """
 
 import contextlib
@@ -69,7 +70,8 @@ def parsed_megatron_args(plan, extra_argv=()):
     with own_megatron_globals(), gpu_machine(plan, extra_argv):
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                args = arguments.parse_and_validate_args(extra_args_provider=add_megacpp_args)
+                args = arguments.parse_and_validate_args(
+                    extra_args_provider=add_megacpp_args if plan.target == "plugin" else None)
         except SystemExit as exit:  # argparse: unknown flag or bad value
             pytest.fail(f"Megatron's parser exited ({exit.code}):\n{out.getvalue()[-3000:]}")
         except AssertionError as err:  # validate_args asserts

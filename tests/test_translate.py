@@ -31,7 +31,7 @@ from megacpp_mcore.megatron.args import (
 )
 from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
 from megacpp_mcore.model import ACTIVATIONS
-from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.settings.recipe import known_recipes, load_recipe
 from megacpp_mcore.settings.table import FIXED, SETTINGS
 from tests.megatron_helpers import megatron_parse
 
@@ -59,7 +59,7 @@ def assert_matches(args, config, plan):
         if not row.used_by(uses) or (row.flag is None and row.emit is None
                                      and row.kind != "choice"):
             continue
-        if plan.target == "native" and row.native_omits:
+        if plan.target == "native" and (row.native_omits or row.plugin_only):
             continue
         want = row.value(recipe)
         if row.key == "logging.receipt_dir":  # carried as a folder ("runs" -> "runs/")
@@ -102,7 +102,8 @@ def assert_matches(args, config, plan):
         if layout.has("R"):
             assert recurrent_config_from_args(args) == m.recurrent
     else:
-        assert args.spec is None and args.megacpp_pattern is None
+        assert args.spec is None
+        assert not [name for name in vars(args) if name.startswith("megacpp")]
 
 
 def _single(value):
@@ -127,13 +128,40 @@ def check(name, target, overrides=()):
         ("nam52", "native", []),
         ("nam52", "plugin", []),
         ("tiny", "plugin", []),
-        ("tiny", "native", ["r_lowering=M"]),
+        ("tiny", "native", ["r_lowering=M", "data.source=mock", "data.tokenizer=null"]),
         ("tiny_gdn", "plugin", []),
-        ("tiny_gdn", "native", ["r_lowering=G"]),
+        ("tiny_gdn", "native", ["r_lowering=G", "data.source=mock", "data.tokenizer=null"]),
     ],
 )
 def test_megatron_accepts_shipped_recipes(name, target, overrides):
     check(name, target, overrides)
+
+
+def native_overrides(name):
+    """What makes a shipped recipe translatable for stock Megatron-LM: R lowered to M and
+    the embedded corpus (plugin-only) replaced by mock data."""
+    recipe = load_recipe(name)
+    overrides = ["r_lowering=M"] if recipe.layout.has("R") else []
+    if recipe.data.source == "embedded":
+        overrides += ["data.source=mock", "data.tokenizer=null"]
+    return overrides
+
+
+@pytest.mark.parametrize("name", known_recipes())
+def test_native_output_of_every_shipped_recipe_parses_with_stock_megatron(name):
+    plan, _ = check(name, "native", native_overrides(name))
+    assert not any(token.startswith("--megacpp") for token in plan.argv())
+
+
+def test_native_refuses_a_setting_that_needs_the_plugin(capsys):
+    with pytest.raises(TranslateError) as info:
+        translate(load_recipe("tiny", ["r_lowering=M"]), "native")
+    message = str(info.value)
+    assert "data.source ('embedded') needs the plugin: it travels in --megacpp-data" in message
+    assert "--target plugin" in message and "megacpp data prepare --embedded" in message
+    assert main(["translate", "tiny", "--target", "native", "--set", "r_lowering=M"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source ('embedded') needs the plugin" in err and "Traceback" not in err
 
 
 def test_nam52_native_pattern_is_megatrons_notation():
@@ -179,9 +207,10 @@ VARIATIONS = [
                         "model.moe.router_load_balancing=seq_aux_loss"]),
     ("tiny", "plugin", ["model.mamba.num_heads=4", "model.mamba.conv_kernel=3",
                         "model.mamba.chunk_size=64", "model.recurrent.backward_chunk=16"]),
-    ("tiny", "native", ["r_lowering=A"]),
+    ("tiny", "native", ["r_lowering=A", "data.source=path", "data.paths=[/data/text]"]),
     ("tiny", "native", ["r_lowering=F", "data.source=mock", "data.tokenizer=null"]),
-    ("tiny", "native", ["r_lowering=E", "backend=te"]),
+    ("tiny", "native", ["r_lowering=E", "backend=te", "data.source=mock",
+                        "data.tokenizer=null"]),
     ("tiny_gdn", "plugin", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     ("nam52", "native", ["parallel.tensor=4"]),
     ("nam52", "native", ["parallel.tensor=1", "parallel.sequence_parallel=false",
@@ -261,7 +290,8 @@ def test_plugin_refuses_r_in_mtp_parts():
     with pytest.raises(TranslateError, match="R in multi-token-prediction layers"):
         translate(recipe, "plugin")
     plan = translate(load_recipe("tiny", ["pattern=AEMFRA/RA", "mtp_depths=1",
-                                          "r_lowering=M"]), "native")
+                                          "r_lowering=M", "data.source=mock",
+                                          "data.tokenizer=null"]), "native")
     assert plan.megatron_pattern == "*EM-M*/M*"
     assert [(x["number"], x["mtp_depth"]) for x in plan.lowerings] == [(5, 0), (1, 1)]
 

@@ -30,8 +30,9 @@ def add_translate_subcommand(sub: argparse._SubParsersAction) -> None:
         "translate",
         help="translate a recipe into Megatron-LM flags (native or plugin)",
         description="Lower a recipe into Megatron-LM 0.19.2 flags. --target native emits only "
-        "what stock Megatron builds with its own hybrid_stack_spec (R layers are refused "
-        "unless the recipe sets r_lowering); --target plugin adds --spec "
+        "flags stock Megatron parses and builds with its own hybrid_stack_spec (R layers are "
+        "refused unless the recipe sets r_lowering, and so is any setting that needs the "
+        "plugin, such as data.source embedded); --target plugin adds --spec "
         "megacpp_mcore.megatron.spec_seam megacpp_stack_spec and the plugin's --megacpp-* flags. "
         "Recipes that cannot be translated faithfully exit with status 2.",
     )

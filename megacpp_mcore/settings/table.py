@@ -85,7 +85,8 @@ class Setting:
     ``config`` maps TransformerConfig field -> ``f(value, root)`` (pure Python values; the
     model builder turns activation and dtype names into torch objects). A plugin flag is
     refused by the native target unless the value is ``stock`` (what stock Megatron
-    hard-codes) or ``native_omits`` says why a native run does without it.
+    hard-codes) or ``native_omits`` says why a native run does without it; ``native_hint``
+    is the way out the refusal names.
     """
 
     key: str
@@ -101,6 +102,7 @@ class Setting:
     emit: Callable[[Any, Any], list[tuple]] | None = None
     read_args: Callable[[Any], Any] | None = None
     native_omits: str | None = None
+    native_hint: str | None = None
 
     @property
     def section(self) -> str:
@@ -435,7 +437,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("training.eval_iters", "--eval-iters", check=NON_NEGATIVE, emit=_eval_iters_flags,
             read_args=_read_eval_iters),
     # ---- data (the tokenizer flags are the translator's: they combine data and vocab)
-    Setting("data.source", emit=_source_flags, read_args=_read_source),
+    Setting("data.source", emit=_source_flags, read_args=_read_source,
+            native_hint="the embedded corpus is prepared by the plugin's launcher; for stock "
+            "Megatron-LM write it as an indexed dataset (megacpp data prepare --embedded) and "
+            "use data.source path with data.paths set to the printed prefix, or data.source "
+            "mock"),
     Setting("data.paths", emit=_none,
             read_args=lambda a: tuple(a.data_path) if a.data_path and not getattr(
                 a, "megacpp_data", None) else ()),
