@@ -84,3 +84,28 @@ def test_settings_read_back_from_megatron_args_are_checked(megatron_single_proce
         args.normalization = "Foo"
         with pytest.raises(SpecError, match=r"--normalization.*accepted: one of 'RMSNorm'"):
             model_config_from_args(args)
+
+
+def test_a_new_plugin_row_registers_as_its_type():
+    """What a plasticity/STP row gets: a switch for a bool, choices for a literal, a checked
+    value otherwise (rows borrow existing keys here for their types)."""
+    import argparse
+    import contextlib
+    import io
+
+    from megacpp_mcore.megatron.args import register_row
+    from megacpp_mcore.settings.table import POSITIVE, Setting
+
+    parser = argparse.ArgumentParser(prog="x")
+    register_row(parser, Setting("model.moe.grouped_gemm", "--megacpp-x-switch", kind="switch"))
+    register_row(parser, Setting("model.activation", "--megacpp-x-choice"))
+    register_row(parser, Setting("model.moe.top_k", "--megacpp-x-count", check=POSITIVE))
+    register_row(parser, Setting("model.moe.shared_expert_ffn_hidden_size", "--megacpp-x-opt"))
+    args = parser.parse_args(["--megacpp-x-switch", "--megacpp-x-choice", "gelu",
+                              "--megacpp-x-count", "3"])
+    assert (args.megacpp_x_switch, args.megacpp_x_choice, args.megacpp_x_count,
+            args.megacpp_x_opt) == (True, "gelu", 3, None)
+    for bad in (["--megacpp-x-choice", "relu"], ["--megacpp-x-count", "0"],
+                ["--megacpp-x-opt", "many"]):
+        with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+            parser.parse_args(bad)

@@ -44,8 +44,28 @@ def _field(key: str) -> tuple[type, dataclasses.Field, Any]:
 
 
 def _registered_rows() -> tuple:
-    """Plugin rows registered generically (one ``--megacpp-*`` flag carrying one value)."""
-    return tuple(row for row in plugin_rows() if row.emit is None and row.kind == "value")
+    """Plugin rows registered from the table (all but those registered by hand below)."""
+    return tuple(row for row in plugin_rows() if row.register)
+
+
+def register_row(group: Any, row: Any) -> None:
+    """Add one table row's ``--megacpp-*`` flag: a switch for a boolean, choices for a
+    literal, else a typed value checked by the row's check; default and help from the
+    settings dataclass."""
+    cls, f, tp = _field(row.key)
+    family = f" ({row.families} layers)" if row.families else ""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    help_text = f"{row.key}{family}: {field_docs(cls).get(f.name, '')} (default {default})"
+    plain = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if (
+        _optional(tp)) else tp
+    if row.kind == "switch":
+        group.add_argument(row.flag, action="store_true", help=help_text)
+    elif typing.get_origin(plain) is typing.Literal:
+        group.add_argument(row.flag, choices=typing.get_args(plain), default=default,
+                           help=help_text)
+    else:
+        group.add_argument(row.flag, type=_parser_for(row.key, plain), default=default,
+                           metavar="VALUE", help=help_text)
 
 
 def _dest(flag: str) -> str:
@@ -107,11 +127,7 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "what Megatron builds. Recorded in receipts next to what actually ran.",
     )
     for row in _registered_rows():
-        cls, f, tp = _field(row.key)
-        family = f" ({row.families} layers)" if row.families else ""
-        group.add_argument(row.flag, type=_parser_for(row.key, tp), default=f.default,
-                           metavar="N", help=f"{row.key}{family}: {field_docs(cls)[f.name]} "
-                           f"(default {f.default})")
+        register_row(group, row)
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -217,5 +233,6 @@ __all__ = [
     "mamba_config_from_args",
     "model_config_from_args",
     "recurrent_config_from_args",
+    "register_row",
     "section_from_args",
 ]

@@ -26,7 +26,8 @@ Adding a setting (plasticity and STP sections come next):
 1. add the field to its dataclass in ``config.py``, documented in its ``Attributes:`` list;
 2. add one row here: ``Setting("plasticity.fire_every", flag="--megacpp-fire-every",
    check=POSITIVE)``. A ``--megacpp-*`` flag is registered with Megatron's parser and read
-   back automatically; a row whose flag is the plugin's own *needs the plugin*: the native
+   back automatically (a switch for a bool, choices for a literal, else a value checked by
+   the row's check); a row whose flag is the plugin's own *needs the plugin*: the native
    target refuses the recipe when the row emits it (emit nothing while the feature is off,
    via ``emit``), unless ``stock`` names the value stock Megatron hard-codes and the recipe
    uses it;
@@ -86,7 +87,8 @@ class Setting:
     model builder turns activation and dtype names into torch objects). A plugin flag is
     refused by the native target unless the value is ``stock`` (what stock Megatron
     hard-codes) or ``native_omits`` says why a native run does without it; ``native_hint``
-    is the way out the refusal names.
+    is the way out the refusal names. ``register`` False: megatron/args.py adds the plugin
+    flag by hand (its parsed form differs from the field's).
     """
 
     key: str
@@ -103,6 +105,7 @@ class Setting:
     read_args: Callable[[Any], Any] | None = None
     native_omits: str | None = None
     native_hint: str | None = None
+    register: bool = True
 
     @property
     def section(self) -> str:
@@ -451,7 +454,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logging.receipt_dir", "--megacpp-receipt", emit=_receipt_flags,
             read_args=lambda a: a.megacpp_receipt,
             reason="one receipt file per run in this folder",
-            native_omits="receipts are written by the plugin launcher (plugin target)"),
+            native_omits="receipts are written by the plugin launcher (plugin target)",
+            register=False),
     Setting("logging.tensorboard_dir", "--tensorboard-dir"),
 )
 
