@@ -1,13 +1,14 @@
 """Hostile inputs fail closed: every door answers with the project's own error (exit 2 from
 the CLI, no traceback), in bounded time and memory. Recipes, receipts and the train command."""
 
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
-from megacpp_mcore.errors import RecipeError
+from megacpp_mcore.errors import ReceiptError, RecipeError
 from megacpp_mcore.settings.recipe import (
     MAX_RECIPE_BYTES,
     MAX_YAML_DEPTH,
@@ -95,3 +96,128 @@ def test_a_recipe_folder_is_not_a_file(tmp_path):
     folder.mkdir()
     with pytest.raises(RecipeError):
         load_recipe(folder)
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def good_receipt(tmp_path, name="good.json"):
+    from megacpp_mcore.receipt import Receipt
+
+    r = Receipt.create(tmp_path / name, run_id=name, recipe_name="tiny", recipe_hash="ab" * 32,
+                       layout="AEMFRA", versions={"torch": "2"}, parallel={"tensor": 1})
+    r.add_feature("stp", 10, {"weight": 0.1})
+    for step in (10, 20, 30):
+        r.log_interval(step, loss=3.0 / step, aux_losses={"load_balancing": 0.1}, lr=1e-3,
+                       tokens_per_s=1000.0, mfu=0.3, peak_memory_bytes=2**30,
+                       goodput={"compute": 1.0, "data_wait": 0.5})
+    r.finish()
+    return r.path
+
+
+def _set(data, path, value):
+    *parents, last = path
+    for key in parents:
+        data = data[key]
+    if value is _DELETE:
+        del data[last]
+    else:
+        data[last] = value
+
+
+_DELETE = object()
+#: (JSON path, bad value, what the error must name)
+MALFORMED = [
+    (("intervals", 1, "loss"), "low", "intervals[1].loss: expected a number"),
+    (("intervals", 0, "step"), "10", "intervals[0].step: expected an integer"),
+    (("intervals", 0, "step"), True, "intervals[0].step: expected an integer"),
+    (("intervals", 2, "aux_losses"), [0.1], "intervals[2].aux_losses: expected an object"),
+    (("intervals", 2, "aux_losses", "load_balancing"), {}, "aux_losses.load_balancing"),
+    (("intervals", 0, "goodput", "buckets", "compute"), "1s", "goodput.buckets.compute"),
+    (("intervals", 0, "goodput"), 5, "intervals[0].goodput: expected an object"),
+    (("intervals", 0, "warmup"), "yes", "intervals[0].warmup: expected true or false"),
+    (("intervals", 1), [], "intervals[1]: expected an object"),
+    (("pattern", "roles", 2), "M", "pattern.roles[2]: expected an object"),
+    (("pattern", "roles", 3, "letter"), _DELETE, "pattern.roles[3].letter"),
+    (("pattern", "depth"), "six", "pattern.depth: expected an integer"),
+    (("recipe", "hash"), 12345, "recipe.hash: expected a string"),
+    (("run", "status"), None, "run.status: expected a string"),
+    (("run", "command_line"), "megacpp train", "run.command_line: expected a list"),
+    (("features", 0), "stp", "features[0]: expected an object"),
+    (("features", 0, "settings"), [1], "features[0].settings: expected an object"),
+    (("warmup_intervals",), "1", "warmup_intervals: expected an integer"),
+    (("warmup_intervals",), -1, "warmup_intervals: must be >= 0"),
+    (("events",), {}, "events: expected a list"),
+    (("notes",), [], "notes: expected an object"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "needle"), MALFORMED)
+@pytest.mark.parametrize("action", ["show", "compare", "plot"])
+def test_malformed_receipts_exit_2_naming_the_field(tmp_path, capsys, path, value, needle,
+                                                    action):
+    from megacpp_mcore.cli.main import main
+
+    good = good_receipt(tmp_path)
+    data = json.loads(good.read_text())
+    _set(data, path, value)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    argv = {"show": ["show", bad], "compare": ["compare", good, bad],
+            "plot": ["plot", good, bad, "-o", tmp_path / "p.png"]}[action]
+    assert main(["receipt", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "bad.json" in err, err
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('{"kind": "megacpp-receipt", "schema_version": 1, "x": ' + "9" * 5000 + "}",
+     "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+])
+def test_receipts_json_that_python_cannot_read(tmp_path, text, needle):
+    from megacpp_mcore.receipt import load_receipt
+
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    with pytest.raises(ReceiptError, match=needle):
+        load_receipt(path)
+
+
+def test_deeply_nested_free_form_settings_are_refused(tmp_path):
+    from megacpp_mcore.receipt import load_receipt
+
+    path = good_receipt(tmp_path)
+    data = json.loads(path.read_text())
+    deep: dict = {}
+    data["features"][0]["settings"] = deep
+    for _ in range(200):
+        deep["x"] = {}
+        deep = deep["x"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReceiptError, match="nested deeper than 64 levels"):
+        load_receipt(path)
+
+
+def test_odd_but_valid_values_show_and_compare(tmp_path, capsys):
+    """Huge, tiny, negative and non-finite numbers are valid receipt values: show and compare
+    print them; plot draws what it can or refuses with the project's error."""
+    from megacpp_mcore.cli.main import main
+
+    path = good_receipt(tmp_path)
+    data = json.loads(path.read_text())
+    for iv, value in zip(data["intervals"], [10**400, -1e308, "nan"], strict=True):
+        iv.update(loss=value, tokens_per_s=value, mfu=value, peak_memory_bytes=value)
+    path.write_text(json.dumps(data))
+    assert main(["receipt", "show", str(path)]) == 0
+    assert main(["receipt", "compare", str(path), str(path)]) == 0
+    assert "inf" in capsys.readouterr().out
+    assert main(["receipt", "plot", str(path), "-o", str(tmp_path / "p.png")]) in (0, 2)
+
+
+def test_malformed_receipt_through_the_cli(tmp_path):
+    good = good_receipt(tmp_path)
+    data = json.loads(good.read_text())
+    data["intervals"][1]["loss"] = "low"
+    good.write_text(json.dumps(data))
+    assert_clean_refusal(cli("receipt", "show", good), "intervals[1].loss")
