@@ -2,6 +2,7 @@
 the CLI, no traceback), in bounded time and memory. Recipes, receipts and the train command."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -221,3 +222,112 @@ def test_malformed_receipt_through_the_cli(tmp_path):
     data["intervals"][1]["loss"] = "low"
     good.write_text(json.dumps(data))
     assert_clean_refusal(cli("receipt", "show", good), "intervals[1].loss")
+
+
+# --------------------------------------------------------------------------- the train command
+
+#: a CPU run that reaches its first receipt interval within a few seconds
+QUICK = ["--set", "model.seq_length=32", "--set", "training.micro_batch_size=2",
+         "--set", "training.global_batch_size=2", "--set", "training.log_interval=1",
+         "--set", "training.lr_warmup_iters=1", "--set", "data.source=mock"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten"])
+def test_train_iters_must_be_positive(capsys, value):
+    from megacpp_mcore.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "tiny", "--device", "cpu", "--train-iters", value])
+    assert info.value.code == 2
+    assert "--train-iters" in capsys.readouterr().err
+
+
+def test_train_on_cpu_refuses_zero_steps():
+    from megacpp_mcore.settings.recipe import load_recipe
+    from megacpp_mcore.train.cpu_loop import train_on_cpu
+
+    with pytest.raises(RecipeError, match="train_iters must be a positive integer, got 0"):
+        train_on_cpu(load_recipe("tiny"), train_iters=0, print_fn=None)
+
+
+def test_device_gpu_without_cuda_exits_2(capsys, monkeypatch):
+    import torch
+
+    from megacpp_mcore.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "tiny", "--device", "gpu"]) == 2
+    assert "--device gpu: torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_receipt_folder_with_slash_is_written_into(tmp_path, capsys):
+    from megacpp_mcore.cli.main import main
+    from megacpp_mcore.receipt import load_receipt
+
+    folder = tmp_path / "runs" / "mine"
+    assert main(["train", "tiny", "--device", "cpu", "--train-iters", "2", *QUICK,
+                 "--receipt", f"{folder}/"]) == 0
+    written = list(folder.glob("*.json"))
+    assert folder.is_dir() and len(written) == 1, list(tmp_path.rglob("*"))
+    assert load_receipt(written[0]).data["run"]["status"] == "completed"
+    # an existing folder without the slash is a folder too
+    assert main(["train", "tiny", "--device", "cpu", "--train-iters", "2", *QUICK,
+                 "--receipt", str(folder)]) == 0
+    assert len(list(folder.glob("*.json"))) == 2
+    capsys.readouterr()
+    afile = tmp_path / "a.json"
+    afile.write_text("{}")
+    assert main(["train", "tiny", "--device", "cpu", "--receipt", f"{afile}/"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["train", "tiny", "--device", "cpu", "--receipt", f"{afile}/x.json"]) == 2
+
+
+def lone_process_env() -> dict[str, str]:
+    """This environment minus the rendezvous variables an in-process test run may have set
+    (a child reusing MASTER_PORT would collide with this process's gloo store)."""
+    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in rendezvous}
+
+
+def _wait_for_interval(folder, proc, timeout=300):
+    from megacpp_mcore.receipt import load_receipt
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for path in folder.glob("*.json"):
+            try:
+                if load_receipt(path).intervals:
+                    return path
+            except ReceiptError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no receipt interval appeared")
+
+
+@pytest.mark.parametrize(("sig", "code", "status"), [
+    ("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_signals_end_the_run_cleanly(tmp_path, sig, code, status):
+    """A real CPU training run, stopped once its first receipt interval is on disk."""
+    import signal
+
+    from megacpp_mcore.receipt import load_receipt
+
+    folder = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megacpp_mcore.cli.main", "train", "tiny", "--device", "cpu",
+         "--train-iters", "100000", *QUICK, "--receipt", f"{folder}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lone_process_env())
+    try:
+        path = _wait_for_interval(folder, proc)
+        proc.send_signal(getattr(signal, sig))
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert f"megacpp train: {status}" in err
+    data = load_receipt(path).data
+    assert data["run"]["status"] == status and data["run"]["end_time"]

@@ -15,7 +15,7 @@ Schema (``schema_version`` 1; ``kind`` is always ``"megacpp-receipt"``)::
     kind             "megacpp-receipt"
     run              {id, start_time, end_time, status, command_line: [str], host, pid}
                      start/end time: ISO-8601 UTC; status: "running", "completed",
-                     "failed: <reason>" or "interrupted"
+                     "failed: <reason>", "interrupted" (Ctrl-C) or "terminated" (SIGTERM)
     recipe           {name, hash}       hash: sha256 of the recipe (see content_hash)
     pattern          {pattern, depth, roles: [{number, letter, family}],
                       mtp_roles: [{mtp_part, number, letter, family}]} or null
@@ -55,8 +55,10 @@ import getpass
 import json
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -76,6 +78,7 @@ from megacpp_mcore.jsonio import (
 SCHEMA_VERSION = 1
 KIND = "megacpp-receipt"
 STANDARD_BUCKETS = ("compute", "data_wait", "checkpoint", "warmup_compile")
+FINAL_STATUSES = ("completed", "interrupted", "terminated")
 REQUIRED_KEYS = {
     "schema_version": int,
     "kind": str,
@@ -192,6 +195,37 @@ def goodput_record(buckets: Mapping[str, float], total_s: float | None = None) -
     total = float(total_s) if total_s is not None else sum(clean.values())
     fraction = clean["compute"] / total if total > 0 else None
     return {"buckets": clean, "total_s": total, "fraction": fraction}
+
+
+# --------------------------------------------------------------------------- how a run ends
+
+
+class Terminated(SystemExit):
+    """SIGTERM turned into an exception (by :func:`sigterm_raises`), so ``finally`` blocks run,
+    the receipt ends ``terminated`` instead of staying ``running``, and the process exits with
+    status 143 (128 + SIGTERM, what the default action reports) without a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (the
+    previous handler comes back afterwards). Elsewhere than the main thread, a no-op: Python
+    delivers signals to the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the receipt
@@ -418,12 +452,13 @@ class Receipt:
     def finish(self, status: str = "completed") -> None:
         """Record the end time and the final status and write the receipt.
 
-        ``status`` is ``"completed"``, ``"interrupted"`` or ``"failed: <reason>"``.
+        ``status`` is ``"completed"``, ``"interrupted"``, ``"terminated"`` or
+        ``"failed: <reason>"``.
         """
-        if not (status in ("completed", "interrupted") or status.startswith("failed")):
+        if not (status in FINAL_STATUSES or status.startswith("failed")):
             raise ReceiptError(
-                f"unknown final status {status!r}: use 'completed', 'interrupted' or "
-                "'failed: <reason>'"
+                f"unknown final status {status!r}: use 'completed', 'interrupted', "
+                "'terminated' or 'failed: <reason>'"
             )
         self.data["run"]["end_time"] = now_iso()
         self.data["run"]["status"] = status
@@ -451,10 +486,15 @@ class Receipt:
     @contextlib.contextmanager
     def guard(self) -> Iterator[Receipt]:
         """Finish the receipt however the block ends: ``completed`` on normal exit,
-        ``interrupted`` on KeyboardInterrupt/SystemExit, ``failed: <Type>: <message>`` on
-        any other exception (which is re-raised)."""
+        ``terminated`` on SIGTERM (turned into :class:`Terminated` while the block runs in
+        the main thread), ``interrupted`` on KeyboardInterrupt/SystemExit, ``failed:
+        <Type>: <message>`` on any other exception. Exceptions are re-raised."""
         try:
-            yield self
+            with sigterm_raises():
+                yield self
+        except Terminated:
+            self.finish("terminated")
+            raise
         except (KeyboardInterrupt, SystemExit):
             self.finish("interrupted")
             raise
@@ -512,6 +552,29 @@ _NUMBER = "a number (or the string nan, inf or -inf)"
 #: interval fields the readers use as numbers, each optional and nullable.
 _INTERVAL_NUMBERS = ("time_s", "loss", "lr", "tokens_per_s", "tflops_per_gpu", "mfu",
                      "peak_memory_bytes")
+
+
+def receipt_destination(text: str | Path) -> tuple[Path | None, Path | None]:
+    """A ``--receipt`` value as ``(file, folder)``, exactly one of them set.
+
+    A value ending in ``/`` or naming an existing folder is a folder the run writes
+    ``<run-id>.json`` into (created if needed), never a file named like the folder; anything
+    else is the receipt file itself. Contradictions are a :class:`ReceiptError`.
+    """
+    raw = str(text)
+    if not raw.strip():
+        raise ReceiptError("--receipt: empty path; give a file (run.json) or a folder (runs/)")
+    path = Path(raw)
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        if path.exists() and not path.is_dir():
+            raise ReceiptError(f"--receipt {raw}: ends with '/' (a folder) but {path} is a file")
+        return None, path
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ReceiptError(f"--receipt {raw}: {parent} is a file, not a folder")
+            break
+    return path, None
 
 
 def load_receipt(path: Path | str) -> Receipt:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from megacpp_mcore.backend import receipt_backends
-from megacpp_mcore.errors import DataError
+from megacpp_mcore.errors import DataError, RecipeError
 from megacpp_mcore.receipt import Receipt
 from megacpp_mcore.settings.config import TrainingConfig
 from megacpp_mcore.settings.recipe import Recipe
@@ -77,15 +77,18 @@ def train_on_cpu(
     recipe: Recipe,
     *,
     receipt_path: Path | None = None,
+    receipt_dir: Path | None = None,
     train_iters: int | None = None,
     print_fn: Callable[[str], None] | None = print,
     hooks: HookList | None = None,
 ) -> Receipt:
     """Train ``recipe`` on the CPU; returns the (finished) receipt.
 
-    ``hooks``: the run's training hooks (:mod:`megacpp_mcore.train.hooks`), built from the
-    recipe by :func:`megacpp_mcore.features.build_training_hooks`; called at the same points
-    of an iteration as on the Megatron path.
+    The receipt goes to ``receipt_path``, else ``receipt_dir/<run-id>.json`` (default: the
+    recipe's ``logging.receipt_dir``). ``hooks``: the run's training hooks
+    (:mod:`megacpp_mcore.train.hooks`), built from the recipe by
+    :func:`megacpp_mcore.features.build_training_hooks`; called at the same points of an
+    iteration as on the Megatron path.
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -93,7 +96,9 @@ def train_on_cpu(
     from megacpp_mcore.model import build_model
 
     training = recipe.training
-    steps = train_iters or training.train_iters
+    steps = training.train_iters if train_iters is None else train_iters
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RecipeError(f"train_iters must be a positive integer, got {steps!r}")
     if training.global_batch_size % training.micro_batch_size:
         raise DataError("training.global_batch_size must be a multiple of micro_batch_size")
     micro_batches = training.global_batch_size // training.micro_batch_size
@@ -113,7 +118,7 @@ def train_on_cpu(
 
     receipt = Receipt.create(
         receipt_path,
-        receipt_dir=recipe.logging.receipt_dir,
+        receipt_dir=receipt_dir or recipe.logging.receipt_dir,
         recipe_name=recipe.name,
         recipe_hash=recipe.recipe_hash,
         layout=layout,
