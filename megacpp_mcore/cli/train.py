@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from megacpp_mcore.errors import MegacppError
+from megacpp_mcore.jsonio import number
 from megacpp_mcore.paths import REPO_ROOT
 from megacpp_mcore.receipt import (
     Receipt,
@@ -54,24 +55,27 @@ def gpu_command(recipe, nproc: int | None, receipt: str | Path | None,
 
 
 def summary(receipt: Receipt) -> str:
-    """A few lines on how the run went."""
+    """A few lines on how the run went (any valid receipt: a NaN loss, no pattern)."""
+    data = receipt.data
     intervals = receipt.intervals
     if not intervals:
-        return f"receipt {receipt.path}: no interval logged ({receipt.data['run']['status']})"
+        return f"receipt {receipt.path}: no interval logged ({data['run']['status']})"
     first, last = intervals[0], intervals[-1]
     after = receipt.post_warmup() or intervals
-    speed = sum(iv.get("tokens_per_s") or 0 for iv in after) / len(after)
-    path = receipt.data.get("model", {}).get("training_path", "")
+    speeds = [number(iv.get("tokens_per_s")) or 0.0 for iv in after]
+    path = (data.get("model") or {}).get("training_path", "")
+    pattern = (data.get("pattern") or {}).get("pattern") or "-"
     return "\n".join([
         f"receipt: {receipt.path}",
-        f"  {receipt.data['recipe']['name']} {receipt.data['pattern']['pattern']}, {path}",
-        f"  status {receipt.data['run']['status']}; steps {first['step']}..{last['step']}; "
-        f"loss {_number(first['loss'])} -> {_number(last['loss'])}",
-        f"  {speed:,.0f} tokens/s after warm-up",
+        f"  {data['recipe'].get('name') or '-'} {pattern}, {path}",
+        f"  status {data['run']['status']}; steps {first['step']}..{last['step']}; "
+        f"loss {_number(first.get('loss'))} -> {_number(last.get('loss'))}",
+        f"  {sum(speeds) / len(speeds):,.0f} tokens/s after warm-up",
     ])
 
 
 def _number(value) -> str:
+    value = number(value)
     return "-" if value is None else f"{value:.4f}"
 
 
