@@ -149,6 +149,10 @@ MALFORMED = [
     (("warmup_intervals",), "1", "warmup_intervals: expected an integer"),
     (("warmup_intervals",), -1, "warmup_intervals: must be >= 0"),
     (("events",), {}, "events: expected a list"),
+    (("events",), None, "events: expected a list"),
+    (("warmup_intervals",), None, "warmup_intervals: expected an integer"),
+    (("pattern", "roles"), None, "pattern.roles: expected a list"),
+    (("intervals", 2, "goodput", "buckets"), None, "goodput.buckets: expected an object"),
     (("notes",), [], "notes: expected an object"),
 ]
 

@@ -664,7 +664,7 @@ def check_receipt(data: dict[str, Any], where: str) -> None:
         need(pattern.get("pattern"), "pattern.pattern", "str")
         need(pattern.get("depth"), "pattern.depth", "int")
         for group in ("roles", "mtp_roles"):
-            need(pattern.get(group), f"pattern.{group}", "list")
+            need(pattern.get(group), f"pattern.{group}", "list", null=group == "mtp_roles")
             for i, role in enumerate(pattern.get(group) or []):
                 need(role, f"pattern.{group}[{i}]", "dict", null=False)
                 need(role.get("letter"), f"pattern.{group}[{i}].letter", "str", null=False)
@@ -673,13 +673,15 @@ def check_receipt(data: dict[str, Any], where: str) -> None:
         need(feature, f"features[{i}]", "dict", null=False)
         need(feature.get("from_step"), f"features[{i}].from_step", "int")
         need(feature.get("settings"), f"features[{i}].settings", "dict")
-    need(data.get("events"), "events", "list")
+    if "events" in data:
+        need(data["events"], "events", "list", null=False)
     for i, event in enumerate(data.get("events") or []):
         need(event, f"events[{i}]", "dict", null=False)
     for key in ("model", "notes"):
         need(data.get(key), key, "dict")
-    need(data.get("warmup_intervals"), "warmup_intervals", "int")
-    if (data.get("warmup_intervals") or 0) < 0:
+    if "warmup_intervals" in data:
+        need(data["warmup_intervals"], "warmup_intervals", "int", null=False)
+    if data.get("warmup_intervals", 0) < 0:
         raise fail("warmup_intervals", f"must be >= 0, got {data['warmup_intervals']}")
     for i, iv in enumerate(data["intervals"]):
         at = f"intervals[{i}]"
@@ -695,7 +697,7 @@ def check_receipt(data: dict[str, Any], where: str) -> None:
         good = iv.get("goodput")
         need(good, f"{at}.goodput", "dict")
         if good is not None:
-            need(good.get("buckets"), f"{at}.goodput.buckets", "dict")
+            need(good.get("buckets"), f"{at}.goodput.buckets", "dict", null=False)
             for name, value in (good.get("buckets") or {}).items():
                 need(value, f"{at}.goodput.buckets.{name}", "number", null=False)
             for key in ("total_s", "fraction"):
