@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these properties")
     args = parser.parse_args(argv)
     names = args.only or sorted(PROPERTIES)
-    per_property = max(1, args.cases // len(names))
+    share, extra = divmod(max(args.cases, len(names)), len(names))
     total, failures = 0, []
     with tempfile.TemporaryDirectory(prefix="megacpp-fuzz-") as folder:
-        for name in names:
+        for i, name in enumerate(names):
+            per_property = share + (i < extra)
             counter = [0]
             started = time.perf_counter()
             try:

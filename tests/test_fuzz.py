@@ -8,7 +8,7 @@ from tests.fuzz_cases import PROPERTIES, property_test
 
 #: cases per property in CI (about 500 in all)
 CASES = {"recipe_text": 80, "recipe_bytes": 40, "recipe_mutation": 100, "set_overrides": 80,
-         "pattern": 100, "receipt_bytes": 50, "receipt_mutation": 80}
+         "pattern": 100, "receipt_bytes": 50, "receipt_mutation": 120}
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
