@@ -75,6 +75,7 @@ def main() -> int:
     if missing:
         quoted = " ".join(f"'{r}'" for r in missing)
         print("\nInstall the missing GPU extras (pinned in pyproject.toml) into this Python:\n"
+              f"  {sys.executable} -m pip install setuptools wheel packaging ninja\n"
               f"  {sys.executable} -m pip install --no-build-isolation {quoted}\n"
               "or all of them with the project:\n"
               f"  {sys.executable} -m pip install --no-build-isolation -e '.[gpu,te]'\n"
