@@ -61,8 +61,13 @@ def number(value: Any) -> float | None:
     """A receipt value back to a float (``"nan"``/``"inf"`` strings included); else None."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range reads as infinity
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     if isinstance(value, str) and value in ("nan", "inf", "-inf"):
         return float(value)
     return None

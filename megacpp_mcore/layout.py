@@ -37,6 +37,14 @@ FAMILIES: dict[str, str] = {
 }
 STAGE_SEPARATOR = "|"
 MTP_SEPARATOR = "/"
+#: most layers a layout may hold (main decoder plus MTP layers). The deepest published
+#: hybrids and transformers have 52-126 layers (NAM56R 52, Nemotron-H 56B 118, Llama 3.1 405B
+#: 126); 4096 leaves more than 30x room while keeping a layout (one small object per layer)
+#: and every per-layer table built from it to a few megabytes, so a mistyped depth (10**9)
+#: fails at once instead of exhausting memory.
+MAX_LAYERS = 4096
+#: longest pattern string accepted: every layer a letter plus a separator, with room to spare.
+MAX_PATTERN_CHARS = 4 * MAX_LAYERS
 
 ACCEPTED = (
     "accepted: "
@@ -216,6 +224,11 @@ def _check_depth(depth: Any) -> None:
         raise PatternError(f"depth must be a positive integer, got {depth!r}")
     if depth <= 0:
         raise PatternError(f"depth must be a positive integer, got {depth}")
+    if depth > MAX_LAYERS:
+        raise PatternError(
+            f"depth {depth} exceeds the maximum of {MAX_LAYERS} layers (megacpp_mcore.layout."
+            "MAX_LAYERS; the deepest published models have about 130)"
+        )
 
 
 def parse_pattern(pattern: str, depth: int | None = None) -> Layout:
@@ -228,6 +241,11 @@ def parse_pattern(pattern: str, depth: int | None = None) -> Layout:
         raise PatternError(f"a pattern is a string of block letters, got {pattern!r}\n{ACCEPTED}")
     if not pattern:
         raise _fail("empty pattern: at least one layer letter is needed", pattern, None)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise PatternError(
+            f"pattern of {len(pattern)} characters exceeds the maximum of {MAX_PATTERN_CHARS} "
+            f"(layouts hold at most {MAX_LAYERS} layers: megacpp_mcore.layout.MAX_LAYERS)"
+        )
     _check_characters(pattern)
     _check_depth(depth)
 
@@ -295,6 +313,14 @@ def parse_pattern(pattern: str, depth: int | None = None) -> Layout:
         repeats = -(-target // len(main))
         letters_per_stage = [(main * repeats)[:target]]
 
+    total = sum(map(len, letters_per_stage)) + sum(map(len, mtp_parts))
+    if total > MAX_LAYERS:
+        raise _fail(
+            f"the layout would hold {total} layers (main decoder plus MTP), more than the "
+            f"maximum of {MAX_LAYERS} (megacpp_mcore.layout.MAX_LAYERS)",
+            pattern if len(pattern) <= 200 else pattern[:200] + "...",
+            None,
+        )
     layers: list[Layer] = []
     for stage_index, letters in enumerate(letters_per_stage):
         for letter in letters:

@@ -1,40 +1,57 @@
-"""The megatron-core dataset-helpers workaround (compat.use_shipped_dataset_helpers)."""
+"""The megatron-core dataset-helpers workaround (compat.use_shipped_dataset_helpers).
 
+Each test either checks the workaround where its defect exists, checks that it stays out of
+the way where the defect is gone, or skips saying which of the two this megatron-core is.
+"""
+
+import os
 import subprocess
 
 import megatron.core.datasets.utils as dataset_utils
+import pytest
 
 from megacpp_mcore.megatron import compat
 
 
-def test_defect_is_present_in_this_megatron():
-    # If a newer wheel ships the Makefile, the workaround turns itself off; this test says
-    # when the defect it exists for is gone.
-    if compat.megatron_core_version().startswith("0.19."):
-        assert compat.dataset_makefile_missing()
+def _skip_unless_defect(why: str) -> None:
+    if not compat.dataset_makefile_missing():
+        pytest.skip(f"megatron-core {compat.megatron_core_version()} ships the datasets "
+                    f"Makefile: the defect is absent, so {why}")
+
+
+def test_defect_is_present_in_megatron_0_19():
+    # The workaround exists for 0.19.x wheels; if a 0.19 wheel ever ships the Makefile, this
+    # test says the defect is gone (and the workaround then turns itself off).
+    version = compat.megatron_core_version()
+    if not version.startswith("0.19."):
+        pytest.skip(f"the defect is recorded for megatron-core 0.19.x; this is {version}")
+    assert compat.dataset_makefile_missing()
+
+
+def test_workaround_is_a_no_op_without_the_defect(monkeypatch):
+    if compat.dataset_makefile_missing():
+        pytest.skip("the Makefile is missing here: the workaround applies (tested below)")
+    original = dataset_utils.compile_helpers
+    assert compat.use_shipped_dataset_helpers() is False
+    assert dataset_utils.compile_helpers is original
 
 
 def test_workaround_imports_shipped_helpers(monkeypatch):
+    _skip_unless_defect("there is no workaround to apply")
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
-    original = dataset_utils.compile_helpers
-    try:
-        assert compat.use_shipped_dataset_helpers() is compat.dataset_makefile_missing()
-        dataset_utils.compile_helpers()  # what initialize_megatron calls on rank 0
-        assert calls == [], "the workaround must not run make"
-        from megatron.core.datasets import helpers_cpp
+    monkeypatch.setattr(dataset_utils, "compile_helpers", dataset_utils.compile_helpers)
+    assert compat.use_shipped_dataset_helpers() is True
+    dataset_utils.compile_helpers()  # what initialize_megatron calls on rank 0
+    assert calls == [], "the workaround must not run make"
+    from megatron.core.datasets import helpers_cpp
 
-        assert hasattr(helpers_cpp, "build_sample_idx_int64")
-    finally:
-        dataset_utils.compile_helpers = original
+    assert hasattr(helpers_cpp, "build_sample_idx_int64")
 
 
 def test_without_workaround_make_fails():
     """The defect itself: upstream's compile_helpers cannot build without the Makefile."""
-    if not compat.dataset_makefile_missing():
-        return
-    import os
-
+    _skip_unless_defect("upstream's make succeeds")
     folder = os.path.dirname(dataset_utils.__file__)
     result = subprocess.run(["make", "-C", folder], capture_output=True, check=False)
     assert result.returncode != 0

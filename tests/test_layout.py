@@ -220,3 +220,32 @@ def test_cli_help():
     assert top.returncode == 0 and "pattern" in top.stdout
     sub = _cli("pattern", "--help")
     assert sub.returncode == 0 and "--depth" in sub.stdout
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+def test_depth_beyond_the_maximum_fails_fast():
+    from megacpp_mcore.layout import MAX_LAYERS
+
+    assert parse_pattern("AEM", MAX_LAYERS).depth == MAX_LAYERS
+    for depth in (MAX_LAYERS + 1, 10**12):
+        with pytest.raises(PatternError, match=f"maximum of {MAX_LAYERS} layers"):
+            parse_pattern("AEM", depth)
+
+
+def test_overlong_literal_patterns_are_refused():
+    from megacpp_mcore.layout import MAX_LAYERS, MAX_PATTERN_CHARS
+
+    with pytest.raises(PatternError, match="main decoder plus MTP"):
+        parse_pattern("A" * (MAX_LAYERS - 1) + "/AA")
+    with pytest.raises(PatternError, match=f"maximum of {MAX_PATTERN_CHARS}"):
+        parse_pattern("A" * (MAX_PATTERN_CHARS + 1))
+    with pytest.raises(PatternError, match="main decoder plus MTP"):
+        parse_pattern("|".join(["AE"] * (MAX_LAYERS // 2 + 1)))
+
+
+def test_cli_refuses_a_huge_depth_with_exit_2():
+    result = _cli("pattern", "AEM", "--depth", "1000000000000")
+    assert result.returncode == 2
+    assert "maximum of 4096 layers" in result.stderr and "Traceback" not in result.stderr

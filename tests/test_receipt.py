@@ -290,7 +290,7 @@ def test_load_errors_directory_and_bad_interval(tmp_path):
     d = json.loads(r.path.read_text())
     d["intervals"] = [{"loss": 1.0}]
     r.path.write_text(json.dumps(d))
-    with pytest.raises(ReceiptError, match="interval 0"):
+    with pytest.raises(ReceiptError, match=r"intervals\[0\]"):
         load_receipt(r.path)
 
 

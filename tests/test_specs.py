@@ -126,13 +126,32 @@ def test_unknown_backend():
         resolve_backend("fast", ALL_BUT_G)
 
 
-def test_g_fails_closed_naming_layers():
+def _machine(monkeypatch, *, fla: bool):
+    """The dispatcher's view of a CUDA machine with or without flash-linear-attention (the
+    backend's own package probe, so the outcome does not depend on this machine)."""
+    from megacpp_mcore import backend
+
+    probe = backend.have_module
+    monkeypatch.setattr(backend, "have_module",
+                        lambda name: fla if name == "fla" else probe(name))
+
+
+def test_g_fails_closed_naming_layers(monkeypatch):
+    _machine(monkeypatch, fla=False)
     layout = parse_pattern("AGMG/GA")
     with pytest.raises(SpecError) as info:  # a GPU machine without flash-linear-attention
         resolve_backend("auto", layout, cuda=True)
     message = str(info.value)
     assert "G layers 2, 4, mtp1:1" in message
     assert "flash-linear-attention" in message
+    with pytest.raises(SpecError, match="need a CUDA GPU"):
+        resolve_backend("auto", parse_pattern("AGMG"), cuda=False)
+
+
+def test_g_builds_where_flash_linear_attention_and_cuda_are(monkeypatch):
+    _machine(monkeypatch, fla=True)
+    plan = resolve_backend("local", parse_pattern("AGMG"), cuda=True)
+    assert plan.families["G"].built == "local" and plan.families["G"].family == "gated_deltanet"
 
 
 def test_mtp_needs_cuda():

@@ -17,9 +17,8 @@ from megacpp_mcore.cpu_support import adapt_model_for_cpu
 from megacpp_mcore.megatron import compat, launcher
 from megacpp_mcore.megatron.translate import translate
 from megacpp_mcore.receipt import load_receipt
-from megacpp_mcore.settings.config import TrainingConfig
 from megacpp_mcore.settings.recipe import load_recipe
-from megacpp_mcore.train.cpu_loop import lr_at, train_on_cpu
+from megacpp_mcore.train.cpu_loop import lr_scheduler, train_on_cpu
 from megacpp_mcore.train.data import prepare_embedded
 from tests.megatron_helpers import parsed_megatron_args
 
@@ -28,13 +27,38 @@ SMALL = ["model.seq_length=64", "training.micro_batch_size=2", "training.global_
          "training.log_interval=5", "training.lr_warmup_iters=3"]
 
 
-def test_lr_schedule():
-    training = TrainingConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=4, train_iters=14)
-    assert [lr_at(s, training) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(9, training) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
-    assert lr_at(14, training) == pytest.approx(0.1)
-    constant = TrainingConfig(lr=1.0, lr_warmup_iters=0, lr_decay_style="constant")
-    assert lr_at(50, constant) == 1.0
+def _lrs(scheduler, optimizer, steps, increment):
+    """The lr each optimizer step trains at, stepping the scheduler after each as Megatron's
+    train_step does."""
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(increment=increment)
+    return out
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+def test_cpu_lr_schedule_is_megatrons(style):
+    """The CPU loop's schedule against the one Megatron-LM itself builds from the recipe's
+    flags (get_optimizer_param_scheduler) and steps (by micro-batches x micro-batch size x
+    data-parallel size per iteration): the same lr at every step, from 0 at warm-up start."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training.training import get_optimizer_param_scheduler
+
+    recipe = load_recipe("tiny", [*SMALL, "training.train_iters=14",
+                                  "training.lr_warmup_iters=4", "training.min_lr=1.0e-4",
+                                  f"training.lr_decay_style={style}"])
+    steps = 18  # past the end of the decay too
+    with parsed_megatron_args(translate(recipe, "plugin")) as args:
+        reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.5)
+        increment = get_num_microbatches() * args.micro_batch_size * args.data_parallel_size
+        expected = _lrs(get_optimizer_param_scheduler(reference), reference, steps, increment)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.5)
+    ours = _lrs(lr_scheduler(optimizer, recipe.training), optimizer, steps,
+                recipe.training.global_batch_size)
+    assert ours == expected
+    assert ours[0] == 0.0 and ours[4] == recipe.training.lr  # warm-up from 0, as Megatron
+    assert ours[-1] == (recipe.training.lr if style == "constant" else recipe.training.min_lr)
 
 
 def test_cpu_main_job_trains_on_embedded_text(tmp_path):
@@ -55,6 +79,11 @@ def test_cpu_main_job_trains_on_embedded_text(tmp_path):
     assert goodput["warmup_compile"] > 0
     assert data["recipe"] == {"name": "tiny", "hash": recipe.recipe_hash}
     assert receipt.path == tmp_path / "run.json"
+    # the loop trains each step at Megatron's scheduled lr (warm-up from 0)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    lrs = _lrs(lr_scheduler(optimizer, recipe.training), optimizer, 20,
+               recipe.training.global_batch_size)
+    assert [iv["lr"] for iv in data["intervals"]] == [lrs[s - 1] for s in (5, 10, 15, 20)]
 
 
 def test_train_command_on_cpu(tmp_path, capsys):

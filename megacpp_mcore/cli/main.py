@@ -1,7 +1,8 @@
 """The ``megacpp`` command line.
 
 Each subcommand is a thin shell over one module; bad input (any MegacppError) prints the
-error on stderr and exits with status 2, like argparse does for bad flags.
+error on stderr and exits with status 2, like argparse does for bad flags. Ctrl-C exits 130
+and SIGTERM (during training) 143, each with one line and no traceback.
 """
 
 from __future__ import annotations
@@ -108,11 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"'megacpp {args.command}' takes no arguments after '--'")
     args.megatron_args = passthrough
     handler: Handler = args.handler
+    from megacpp_mcore.receipt import Terminated
+
     try:
         return handler(args) or 0
     except MegacppError as err:
         print(f"megacpp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the receipt (if any) already says "interrupted"
+        print(f"megacpp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated as stop:  # SIGTERM: the receipt (if any) already says "terminated"
+        print(f"megacpp {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return stop.code
 
 
 if __name__ == "__main__":

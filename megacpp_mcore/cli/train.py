@@ -1,30 +1,40 @@
 """``megacpp train RECIPE``: the project's main job.
 
 On a machine with a CUDA GPU it translates the recipe for the plugin target and runs
-Megatron's ``pretrain`` through ``scripts/pretrain_nam.py`` under torchrun (``launcher.py``);
-on a CPU-only machine it runs the CPU path (``cpu_train.py``: the same model, data and
-receipt, a plain PyTorch optimizer), and says so. Either way it prints progress and ends with
-where the receipt is and a short summary.
+Megatron's ``pretrain`` through ``scripts/pretrain_nam.py`` under torchrun
+(``megatron/launcher.py``); on a CPU-only machine it runs the CPU path (``train/cpu_loop.py``:
+the same model, data and receipt, a plain PyTorch optimizer), and says so. Either way it
+prints progress and ends with where the receipt is and a short summary. Ctrl-C and SIGTERM
+end the run cleanly: the receipt says ``interrupted`` or ``terminated``, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from megacpp_mcore.errors import MegacppError
+from megacpp_mcore.jsonio import number
 from megacpp_mcore.paths import REPO_ROOT
-from megacpp_mcore.receipt import Receipt, load_receipt
+from megacpp_mcore.receipt import (
+    Receipt,
+    Terminated,
+    load_receipt,
+    receipt_destination,
+    sigterm_raises,
+)
 
 LAUNCHER = REPO_ROOT / "scripts" / "pretrain_nam.py"
 
 
-def gpu_command(recipe, nproc: int | None, receipt: Path | None,
+def gpu_command(recipe, nproc: int | None, receipt: str | Path | None,
                 megatron_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The torchrun command line and environment for the GPU path."""
+    """The torchrun command line and environment for the GPU path (``receipt`` as the user
+    wrote it: a trailing '/' means a folder to the launcher)."""
     from megacpp_mcore.megatron.translate import translate
 
     plan = translate(recipe, "plugin")
@@ -45,24 +55,27 @@ def gpu_command(recipe, nproc: int | None, receipt: Path | None,
 
 
 def summary(receipt: Receipt) -> str:
-    """A few lines on how the run went."""
+    """A few lines on how the run went (any valid receipt: a NaN loss, no pattern)."""
+    data = receipt.data
     intervals = receipt.intervals
     if not intervals:
-        return f"receipt {receipt.path}: no interval logged ({receipt.data['run']['status']})"
+        return f"receipt {receipt.path}: no interval logged ({data['run']['status']})"
     first, last = intervals[0], intervals[-1]
     after = receipt.post_warmup() or intervals
-    speed = sum(iv.get("tokens_per_s") or 0 for iv in after) / len(after)
-    path = receipt.data.get("model", {}).get("training_path", "")
+    speeds = [number(iv.get("tokens_per_s")) or 0.0 for iv in after]
+    path = (data.get("model") or {}).get("training_path", "")
+    pattern = (data.get("pattern") or {}).get("pattern") or "-"
     return "\n".join([
         f"receipt: {receipt.path}",
-        f"  {receipt.data['recipe']['name']} {receipt.data['pattern']['pattern']}, {path}",
-        f"  status {receipt.data['run']['status']}; steps {first['step']}..{last['step']}; "
-        f"loss {_number(first['loss'])} -> {_number(last['loss'])}",
-        f"  {speed:,.0f} tokens/s after warm-up",
+        f"  {data['recipe'].get('name') or '-'} {pattern}, {path}",
+        f"  status {data['run']['status']}; steps {first['step']}..{last['step']}; "
+        f"loss {_number(first.get('loss'))} -> {_number(last.get('loss'))}",
+        f"  {sum(speeds) / len(speeds):,.0f} tokens/s after warm-up",
     ])
 
 
 def _number(value) -> str:
+    value = number(value)
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -79,11 +92,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from megacpp_mcore.settings.recipe import load_recipe
 
     overrides = list(args.set)
-    if args.train_iters:  # the whole schedule follows, as Megatron's --train-iters would
+    if args.train_iters is not None:  # the whole schedule follows, as Megatron's would
         overrides.append(f"training.train_iters={args.train_iters}")
     recipe = load_recipe(args.recipe, overrides)
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise MegacppError(
+            f"--device gpu: torch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}); run on a machine with a CUDA GPU and a CUDA "
+            "build of torch, or use --device cpu")
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
-    receipt_path = Path(args.receipt) if args.receipt else None
+    receipt_file, receipt_dir = (receipt_destination(args.receipt) if args.receipt is not None
+                                 else (None, None))
     if device == "cpu":
         if args.megatron_args:
             raise MegacppError("Megatron flags after '--' apply to the GPU path only")
@@ -93,21 +112,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from megacpp_mcore.features import build_training_hooks
         from megacpp_mcore.train.cpu_loop import train_on_cpu
 
-        receipt = train_on_cpu(recipe, receipt_path=receipt_path,
+        receipt = train_on_cpu(recipe, receipt_path=receipt_file, receipt_dir=receipt_dir,
                                hooks=build_training_hooks(recipe))
         print(summary(receipt))
         return 0
-    command, env = gpu_command(recipe, args.nproc, receipt_path, list(args.megatron_args))
+    command, env = gpu_command(recipe, args.nproc, args.receipt, list(args.megatron_args))
     print("running:", " ".join(command), flush=True)
     started = time.time()
-    result = subprocess.run(command, env=env, check=False)
-    folder = receipt_path if receipt_path and receipt_path.is_dir() else (
-        receipt_path.parent if receipt_path else Path(recipe.logging.receipt_dir))
-    receipt = load_receipt(receipt_path) if receipt_path and receipt_path.is_file() else (
-        _newest_receipt(folder, started))
+    returncode = _run_forwarding_stops(command, env)
+    folder = receipt_dir or (receipt_file.parent if receipt_file else
+                             Path(recipe.logging.receipt_dir))
+    receipt = load_receipt(receipt_file) if receipt_file and receipt_file.is_file() else (
+        _newest_receipt(folder, started) if folder.is_dir() else None)
     if receipt is not None:
         print(summary(receipt))
-    return result.returncode
+    return returncode
+
+
+def _run_forwarding_stops(command: list[str], env: dict[str, str]) -> int:
+    """Run the launcher; on Ctrl-C or SIGTERM give its ranks time to end their receipts.
+
+    Ctrl-C reaches the launcher itself (same terminal process group); SIGTERM to this
+    process is passed on. Either way the stop is re-raised once the launcher has exited."""
+    proc = subprocess.Popen(command, env=env)
+    try:
+        with sigterm_raises():
+            return proc.wait()
+    except (KeyboardInterrupt, Terminated) as stop:
+        if isinstance(stop, Terminated) and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 and negatives are refused, never ignored)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
 
 
 def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -125,9 +175,11 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
     add_set_argument(p)
     p.add_argument("--device", choices=["gpu", "cpu"], default=None,
                    help="force a path (default: gpu when CUDA is available)")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="GPU processes (default: the smallest world the parallel sizes fit)")
-    p.add_argument("--train-iters", type=int, default=None, help="override the step count")
+    p.add_argument("--train-iters", type=positive_int, default=None,
+                   help="override the step count (>= 1)")
     p.add_argument("--receipt", default=None,
-                   help="receipt file (or folder ending in /); default logging.receipt_dir")
+                   help="receipt file, or a folder (ending in / or existing) to write "
+                   "<run-id>.json into; default logging.receipt_dir")
     p.set_defaults(handler=_cmd_train, megatron_args=[], accepts_passthrough=True)

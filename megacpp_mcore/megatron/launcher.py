@@ -29,7 +29,7 @@ from megacpp_mcore.backend import receipt_backends
 from megacpp_mcore.errors import MegacppError
 from megacpp_mcore.megatron import compat
 from megacpp_mcore.megatron.args import add_megacpp_args
-from megacpp_mcore.receipt import Receipt, load_receipt
+from megacpp_mcore.receipt import Receipt, Terminated, load_receipt, sigterm_raises
 from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
 
 #: the tracker of this process (set by main); the forward step and hooks report into it.
@@ -292,7 +292,11 @@ def main() -> int:
     handle = register_optimizer_step_post_hook(TRACKER.on_optimizer_step)
     status = "completed"
     try:
-        pretrain(config, dataset_provider, ModelType.encoder_or_decoder, forward_step)
+        with sigterm_raises():  # torchrun passes SIGTERM on to every rank
+            pretrain(config, dataset_provider, ModelType.encoder_or_decoder, forward_step)
+    except Terminated:
+        status = "terminated"
+        raise
     except SystemExit as err:  # Megatron exits normally at --exit-interval / --exit-duration
         status = "completed" if err.code in (None, 0) else f"failed: exit code {err.code}"
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ def plot_receipts(receipts: Sequence[Receipt], output: Path | str) -> Path:
             for iv, is_warm in zip(r.intervals, r.warmup_flags(), strict=True):
                 raw = (iv.get(key) or {}).get(sub) if sub else iv.get(key)
                 v = number(raw)
-                if v is None:
+                if v is None or not math.isfinite(v):  # nothing to draw for nan/inf
                     continue
                 steps.append(iv["step"])
                 values.append(v)
@@ -244,11 +245,17 @@ def plot_receipts(receipts: Sequence[Receipt], output: Path | str) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
-    fig.tight_layout()
     output = Path(output)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(output, format="png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow on huge values
+            fig.tight_layout()
+            output.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(output, format="png")
     except OSError as err:
         raise ReceiptError(f"cannot write plot {output}: {err}") from err
+    except (ValueError, OverflowError) as err:  # matplotlib cannot lay out the axes
+        raise ReceiptError(
+            f"cannot plot {', '.join(str(r.path) for r in receipts)}: a value is too large "
+            f"to draw (steps or metrics near the float limit, 1e308): {err}") from None
     return output

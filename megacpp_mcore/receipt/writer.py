@@ -15,7 +15,7 @@ Schema (``schema_version`` 1; ``kind`` is always ``"megacpp-receipt"``)::
     kind             "megacpp-receipt"
     run              {id, start_time, end_time, status, command_line: [str], host, pid}
                      start/end time: ISO-8601 UTC; status: "running", "completed",
-                     "failed: <reason>" or "interrupted"
+                     "failed: <reason>", "interrupted" (Ctrl-C) or "terminated" (SIGTERM)
     recipe           {name, hash}       hash: sha256 of the recipe (see content_hash)
     pattern          {pattern, depth, roles: [{number, letter, family}],
                       mtp_roles: [{mtp_part, number, letter, family}]} or null
@@ -55,8 +55,10 @@ import getpass
 import json
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,12 +71,14 @@ from megacpp_mcore.jsonio import (
     atomic_write_json,
     jsonable,
     now_iso,
+    number,
     stale_tmp_files,
 )
 
 SCHEMA_VERSION = 1
 KIND = "megacpp-receipt"
 STANDARD_BUCKETS = ("compute", "data_wait", "checkpoint", "warmup_compile")
+FINAL_STATUSES = ("completed", "interrupted", "terminated")
 REQUIRED_KEYS = {
     "schema_version": int,
     "kind": str,
@@ -191,6 +195,37 @@ def goodput_record(buckets: Mapping[str, float], total_s: float | None = None) -
     total = float(total_s) if total_s is not None else sum(clean.values())
     fraction = clean["compute"] / total if total > 0 else None
     return {"buckets": clean, "total_s": total, "fraction": fraction}
+
+
+# --------------------------------------------------------------------------- how a run ends
+
+
+class Terminated(SystemExit):
+    """SIGTERM turned into an exception (by :func:`sigterm_raises`), so ``finally`` blocks run,
+    the receipt ends ``terminated`` instead of staying ``running``, and the process exits with
+    status 143 (128 + SIGTERM, what the default action reports) without a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (the
+    previous handler comes back afterwards). Elsewhere than the main thread, a no-op: Python
+    delivers signals to the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the receipt
@@ -417,12 +452,13 @@ class Receipt:
     def finish(self, status: str = "completed") -> None:
         """Record the end time and the final status and write the receipt.
 
-        ``status`` is ``"completed"``, ``"interrupted"`` or ``"failed: <reason>"``.
+        ``status`` is ``"completed"``, ``"interrupted"``, ``"terminated"`` or
+        ``"failed: <reason>"``.
         """
-        if not (status in ("completed", "interrupted") or status.startswith("failed")):
+        if not (status in FINAL_STATUSES or status.startswith("failed")):
             raise ReceiptError(
-                f"unknown final status {status!r}: use 'completed', 'interrupted' or "
-                "'failed: <reason>'"
+                f"unknown final status {status!r}: use 'completed', 'interrupted', "
+                "'terminated' or 'failed: <reason>'"
             )
         self.data["run"]["end_time"] = now_iso()
         self.data["run"]["status"] = status
@@ -450,10 +486,15 @@ class Receipt:
     @contextlib.contextmanager
     def guard(self) -> Iterator[Receipt]:
         """Finish the receipt however the block ends: ``completed`` on normal exit,
-        ``interrupted`` on KeyboardInterrupt/SystemExit, ``failed: <Type>: <message>`` on
-        any other exception (which is re-raised)."""
+        ``terminated`` on SIGTERM (turned into :class:`Terminated` while the block runs in
+        the main thread), ``interrupted`` on KeyboardInterrupt/SystemExit, ``failed:
+        <Type>: <message>`` on any other exception. Exceptions are re-raised."""
         try:
-            yield self
+            with sigterm_raises():
+                yield self
+        except Terminated:
+            self.finish("terminated")
+            raise
         except (KeyboardInterrupt, SystemExit):
             self.finish("interrupted")
             raise
@@ -502,21 +543,59 @@ def _user() -> str | None:
         return None
 
 
+#: largest receipt read (a receipt grows by about 600 bytes per logged interval, so this is
+#: some 400,000 intervals): a wrong or runaway file fails fast instead of filling memory.
+MAX_RECEIPT_BYTES = 256 << 20
+#: deepest JSON nesting accepted (the schema uses 4 levels; free-form settings a few more).
+MAX_RECEIPT_NESTING = 64
+_NUMBER = "a number (or the string nan, inf or -inf)"
+#: interval fields the readers use as numbers, each optional and nullable.
+_INTERVAL_NUMBERS = ("time_s", "loss", "lr", "tokens_per_s", "tflops_per_gpu", "mfu",
+                     "peak_memory_bytes")
+
+
+def receipt_destination(text: str | Path) -> tuple[Path | None, Path | None]:
+    """A ``--receipt`` value as ``(file, folder)``, exactly one of them set.
+
+    A value ending in ``/`` or naming an existing folder is a folder the run writes
+    ``<run-id>.json`` into (created if needed), never a file named like the folder; anything
+    else is the receipt file itself. Contradictions are a :class:`ReceiptError`.
+    """
+    raw = str(text)
+    if not raw.strip():
+        raise ReceiptError("--receipt: empty path; give a file (run.json) or a folder (runs/)")
+    path = Path(raw)
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        if path.exists() and not path.is_dir():
+            raise ReceiptError(f"--receipt {raw}: ends with '/' (a folder) but {path} is a file")
+        return None, path
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ReceiptError(f"--receipt {raw}: {parent} is a file, not a folder")
+            break
+    return path, None
+
+
 def load_receipt(path: Path | str) -> Receipt:
-    """Read and validate a receipt; a :class:`ReceiptError` says what is wrong."""
+    """Read and validate a receipt; a :class:`ReceiptError` says what is wrong and where."""
     path = Path(path)
     if not path.exists():
         raise ReceiptError(f"receipt not found: {path}")
     if path.is_dir():
         raise ReceiptError(f"{path} is a directory, not a receipt file")
     try:
+        size = path.stat().st_size
+        if size > MAX_RECEIPT_BYTES:
+            raise ReceiptError(f"{path}: {size} bytes is larger than any receipt this reader "
+                               f"accepts ({MAX_RECEIPT_BYTES}); not a receipt")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ReceiptError(f"cannot read receipt {path}: {err}") from err
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ReceiptError(f"{path} is not valid JSON ({err}); not a receipt") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, huge integers, deep nesting
+        raise ReceiptError(f"{path} is not valid JSON ({err}); not a receipt") from None
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise ReceiptError(f'{path} is not a megacpp receipt (no "kind": "{KIND}")')
     version = data.get("schema_version")
@@ -532,7 +611,94 @@ def load_receipt(path: Path | str) -> Receipt:
                 f"{path}: field {key!r} missing or not a{'n' if kind is int else ''} "
                 f"{kind.__name__}; not a valid receipt"
             )
-    for i, iv in enumerate(data["intervals"]):
-        if not isinstance(iv, dict) or not isinstance(iv.get("step"), int):
-            raise ReceiptError(f"{path}: interval {i} is not an object with an integer 'step'")
+    check_receipt(data, str(path))
     return Receipt(path, data)
+
+
+def check_receipt(data: dict[str, Any], where: str) -> None:
+    """Every field the readers (show, compare, plot, resume) use has the schema's type, so
+    they never meet a string where a number belongs; the error names the field's path."""
+
+    def fail(path: str, problem: str) -> ReceiptError:
+        return ReceiptError(f"{where}: {path}: {problem}; not a valid receipt")
+
+    def show(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    def need(value: Any, path: str, kind: str, *, null: bool = True) -> None:
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "dict": isinstance(value, dict),
+            "list": isinstance(value, list),
+            "number": number(value) is not None,
+        }[kind]
+        if not ok and not (null and value is None):
+            what = {"str": "a string", "int": "an integer", "bool": "true or false",
+                    "dict": "an object", "list": "a list", "number": _NUMBER}[kind]
+            raise fail(path, f"expected {what}{' or null' if null else ''}, got {show(value)}")
+
+    def nesting(value: Any, path: str, level: int = 0) -> None:
+        if level > MAX_RECEIPT_NESTING:
+            raise fail(path, f"nested deeper than {MAX_RECEIPT_NESTING} levels")
+        items = value.items() if isinstance(value, dict) else (
+            enumerate(value) if isinstance(value, list) else ())
+        for key, sub in items:
+            if isinstance(sub, dict | list):
+                nesting(sub, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]",
+                        level + 1)
+
+    nesting(data, "receipt")
+    run = data["run"]
+    for key in ("id", "start_time", "end_time", "host"):
+        need(run.get(key), f"run.{key}", "str")
+    need(run.get("status"), "run.status", "str", null=False)
+    need(run.get("command_line"), "run.command_line", "list")
+    for key in ("name", "hash"):
+        need(data["recipe"].get(key), f"recipe.{key}", "str")
+    pattern = data.get("pattern")
+    need(pattern, "pattern", "dict")
+    if pattern is not None:
+        need(pattern.get("pattern"), "pattern.pattern", "str")
+        need(pattern.get("depth"), "pattern.depth", "int")
+        for group in ("roles", "mtp_roles"):
+            need(pattern.get(group), f"pattern.{group}", "list", null=group == "mtp_roles")
+            for i, role in enumerate(pattern.get(group) or []):
+                need(role, f"pattern.{group}[{i}]", "dict", null=False)
+                need(role.get("letter"), f"pattern.{group}[{i}].letter", "str", null=False)
+                need(role.get("number"), f"pattern.{group}[{i}].number", "int")
+    for i, feature in enumerate(data["features"]):
+        need(feature, f"features[{i}]", "dict", null=False)
+        need(feature.get("from_step"), f"features[{i}].from_step", "int")
+        need(feature.get("settings"), f"features[{i}].settings", "dict")
+    if "events" in data:
+        need(data["events"], "events", "list", null=False)
+    for i, event in enumerate(data.get("events") or []):
+        need(event, f"events[{i}]", "dict", null=False)
+    for key in ("model", "notes"):
+        need(data.get(key), key, "dict")
+    if "warmup_intervals" in data:
+        need(data["warmup_intervals"], "warmup_intervals", "int", null=False)
+    if data.get("warmup_intervals", 0) < 0:
+        raise fail("warmup_intervals", f"must be >= 0, got {data['warmup_intervals']}")
+    for i, iv in enumerate(data["intervals"]):
+        at = f"intervals[{i}]"
+        need(iv, at, "dict", null=False)
+        need(iv.get("step"), f"{at}.step", "int", null=False)
+        need(iv.get("warmup"), f"{at}.warmup", "bool")
+        for key in _INTERVAL_NUMBERS:
+            need(iv.get(key), f"{at}.{key}", "number")
+        need(iv.get("aux_losses"), f"{at}.aux_losses", "dict")
+        for name, value in (iv.get("aux_losses") or {}).items():
+            need(value, f"{at}.aux_losses.{name}", "number")
+        need(iv.get("extra"), f"{at}.extra", "dict")
+        good = iv.get("goodput")
+        need(good, f"{at}.goodput", "dict")
+        if good is not None:
+            need(good.get("buckets"), f"{at}.goodput.buckets", "dict", null=False)
+            for name, value in (good.get("buckets") or {}).items():
+                need(value, f"{at}.goodput.buckets.{name}", "number", null=False)
+            for key in ("total_s", "fraction"):
+                need(good.get(key), f"{at}.goodput.{key}", "number")

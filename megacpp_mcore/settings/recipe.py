@@ -283,8 +283,42 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- YAML
 
 
+#: largest recipe file read (shipped recipes are about 2 KB): a wrong file fails fast.
+MAX_RECIPE_BYTES = 1 << 20
+#: deepest nesting of mappings/lists in a recipe (recipes use three levels: model.moe.top_k);
+#: bounds the YAML composer's recursion, so a file of 10,000 '[' is an error, not a crash.
+MAX_YAML_DEPTH = 32
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 numbers (``3e-4`` is a float) and no duplicate keys."""
+    """Safe YAML with YAML 1.2 numbers (``3e-4`` is a float), no duplicate keys, no aliases
+    and at most :data:`MAX_YAML_DEPTH` levels of nesting.
+
+    Aliases (``*name``) are refused outright: recipes never need them, and a few lines of
+    nested aliases (a "billion laughs" file) expand to billions of nodes in whatever walks
+    the result. Refusing them at composition keeps loading in bounded memory and time.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nesting = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"alias *{event.anchor}: aliases are not accepted in recipes (write the value "
+                "out, or use 'base:' to share settings between recipes)", event.start_mark)
+        self._nesting += 1
+        try:
+            if self._nesting > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels (recipes use 3)",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._nesting -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -298,6 +332,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     loader.flatten_mapping(node)
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain name, not a list or mapping",
+                key_node.start_mark)
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -316,6 +354,26 @@ def parse_yaml(text: str, origin: str) -> Any:
         return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader subclass
     except yaml.YAMLError as err:
         raise RecipeError(f"{origin}: not valid YAML: {err}") from None
+
+
+def read_recipe_text(path: Path, origin: str) -> str:
+    """A recipe file's text: at most :data:`MAX_RECIPE_BYTES`, strict UTF-8 (a leading BOM
+    is dropped); anything else is a :class:`RecipeError` naming ``origin``."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{origin}: {size} bytes is too large for a recipe (at most "
+                              f"{MAX_RECIPE_BYTES}; recipes are small YAML files)")
+        data = path.read_bytes()
+    except OSError as err:
+        raise RecipeError(f"{origin}: cannot read the recipe: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"{origin}: not a UTF-8 text file (byte {data[err.start]:#04x} at offset "
+            f"{err.start}); a recipe is YAML text") from None
+    return text.removeprefix("\ufeff")
 
 
 # --------------------------------------------------------------------------- loading
@@ -365,7 +423,7 @@ def _read_chain(path: Path) -> list[tuple[str, dict]]:
                 f"{_display(seen[-2]) if len(seen) > 1 else shown}: {BASE_KEY}: no such "
                 f"recipe file {shown}"
             )
-        data = parse_yaml(current.read_text(), shown)
+        data = parse_yaml(read_recipe_text(current, shown), shown)
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -6,22 +6,23 @@ What is the same as on GPU: ``build_model`` (the recipe's layout and sizes, the 
 dispatcher's record), the data (the embedded corpus or an indexed dataset, byte tokens, fixed
 windows), the loss (mean token cross-entropy over the global batch, MoE aux losses through
 Megatron's autoscaler, scaled per micro-batch as Megatron's schedule does), the LR schedule
-(linear warm-up, then the recipe's decay to ``min_lr``), gradient clipping and the receipt.
+(Megatron's own ``OptimizerParamScheduler``, stepped as Megatron steps it), gradient clipping
+and the receipt.
 What differs: torch AdamW on fp32 parameters instead of Megatron's distributed optimizer, a
 single process (data-parallel size 1).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megacpp_mcore.backend import receipt_backends
-from megacpp_mcore.errors import DataError
+from megacpp_mcore.errors import DataError, RecipeError
 from megacpp_mcore.receipt import Receipt
 from megacpp_mcore.settings.config import TrainingConfig
 from megacpp_mcore.settings.recipe import Recipe
@@ -33,19 +34,28 @@ from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
 TRAINING_PATH = "cpu: torch AdamW over the Megatron model (Megatron's pretrain needs CUDA)"
 
 
-def lr_at(step: int, training: TrainingConfig) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warm-up, then decay to min_lr."""
-    if step < training.lr_warmup_iters:
-        return training.lr * (step + 1) / training.lr_warmup_iters
-    span = max(1, training.train_iters - training.lr_warmup_iters)
-    progress = min(1.0, (step - training.lr_warmup_iters) / span)
-    if training.lr_decay_style == "constant":
-        return training.lr
-    if training.lr_decay_style == "linear":
-        factor = 1.0 - progress
-    else:
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return training.min_lr + (training.lr - training.min_lr) * factor
+def lr_scheduler(optimizer: torch.optim.Optimizer,
+                 training: TrainingConfig) -> OptimizerParamScheduler:
+    """Megatron's own ``OptimizerParamScheduler``, built as Megatron-LM's
+    ``get_optimizer_param_scheduler`` builds it for iteration-based training: steps counted
+    in samples (iterations x global batch), warm-up from ``--lr-warmup-init`` (0.0, its
+    default), decay over ``train_iters``, constant weight decay. The loop steps it as
+    Megatron's ``train_step`` does, by one global batch after each optimizer step, so with
+    warm-up the first step trains at lr 0, exactly as on the Megatron path."""
+    samples = training.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_warmup_steps=training.lr_warmup_iters * samples,
+        lr_decay_steps=training.train_iters * samples,
+        lr_decay_style=training.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=training.train_iters * samples,
+        wd_incr_style="constant",
+    )
 
 
 def token_source(recipe: Recipe) -> Path | np.ndarray:
@@ -63,11 +73,13 @@ def token_source(recipe: Recipe) -> Path | np.ndarray:
 
 
 def _optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (biases and norm weights excluded)."""
+    """AdamW with weight decay on matrices only (biases and norm weights excluded); each
+    group's ``wd_mult`` is what Megatron's scheduler multiplies the weight decay by."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": training.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": training.weight_decay,
+         "wd_mult": 1.0},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "wd_mult": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=training.lr,
                              betas=(training.adam_beta1, training.adam_beta2))
@@ -77,15 +89,18 @@ def train_on_cpu(
     recipe: Recipe,
     *,
     receipt_path: Path | None = None,
+    receipt_dir: Path | None = None,
     train_iters: int | None = None,
     print_fn: Callable[[str], None] | None = print,
     hooks: HookList | None = None,
 ) -> Receipt:
     """Train ``recipe`` on the CPU; returns the (finished) receipt.
 
-    ``hooks``: the run's training hooks (:mod:`megacpp_mcore.train.hooks`), built from the
-    recipe by :func:`megacpp_mcore.features.build_training_hooks`; called at the same points
-    of an iteration as on the Megatron path.
+    The receipt goes to ``receipt_path``, else ``receipt_dir/<run-id>.json`` (default: the
+    recipe's ``logging.receipt_dir``). ``hooks``: the run's training hooks
+    (:mod:`megacpp_mcore.train.hooks`), built from the recipe by
+    :func:`megacpp_mcore.features.build_training_hooks`; called at the same points of an
+    iteration as on the Megatron path.
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -93,7 +108,9 @@ def train_on_cpu(
     from megacpp_mcore.model import build_model
 
     training = recipe.training
-    steps = train_iters or training.train_iters
+    steps = training.train_iters if train_iters is None else train_iters
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RecipeError(f"train_iters must be a positive integer, got {steps!r}")
     if training.global_batch_size % training.micro_batch_size:
         raise DataError("training.global_batch_size must be a multiple of micro_batch_size")
     micro_batches = training.global_batch_size // training.micro_batch_size
@@ -106,6 +123,7 @@ def train_on_cpu(
     seq = recipe.model.seq_length
     positions = torch.arange(seq).expand(training.micro_batch_size, seq)
     optimizer = _optimizer(model, training)
+    scheduler = lr_scheduler(optimizer, training)
     hooks = hooks if hooks is not None else HookList()
     hooks.install([model], HookContext(num_microbatches=micro_batches, path="cpu",
                                        layout=layout))
@@ -113,7 +131,7 @@ def train_on_cpu(
 
     receipt = Receipt.create(
         receipt_path,
-        receipt_dir=recipe.logging.receipt_dir,
+        receipt_dir=receipt_dir or recipe.logging.receipt_dir,
         recipe_name=recipe.name,
         recipe_hash=recipe.recipe_hash,
         layout=layout,
@@ -137,9 +155,7 @@ def train_on_cpu(
                  f"receipt: {receipt.path}")
     with receipt.guard():
         for step in range(steps):
-            lr = lr_at(step, training)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]  # this step's, as the launcher records it
             optimizer.zero_grad(set_to_none=True)
             hooks.before_step(step + 1, [model], optimizer)
             for micro in range(micro_batches):
@@ -153,6 +169,7 @@ def train_on_cpu(
             if training.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip_grad)
             optimizer.step()
+            scheduler.step(increment=training.global_batch_size)
             hooks.after_step(step + 1, [model], optimizer)
             for bucket, seconds in hooks.pop_timings().items():
                 meter.goodput.add(bucket, seconds)
