@@ -30,6 +30,7 @@ from megacpp_mcore.settings.config import (
     ModelConfig,
     MoEConfig,
     RecurrentConfig,
+    StpConfig,
 )
 from megacpp_mcore.settings.recipe import BACKENDS, field_docs
 
@@ -42,6 +43,16 @@ R_FLAGS = {
     "--megacpp-r-v-head-dim": "v_head_dim",
     "--megacpp-r-conv-kernel": "conv_kernel",
     "--megacpp-r-backward-chunk": "backward_chunk",
+}
+#: --megacpp-stp-* flag -> StpConfig field (``--megacpp-stp`` itself turns STP on)
+STP_FLAGS = {
+    "--megacpp-stp-weight": "weight",
+    "--megacpp-stp-start-step": "start_step",
+    "--megacpp-stp-ramp-steps": "ramp_steps",
+    "--megacpp-stp-triples": "triples",
+    "--megacpp-stp-min-gap": "min_gap",
+    "--megacpp-stp-layers": "layers",
+    "--megacpp-stp-form": "form",
 }
 #: --megacpp-mamba-* flag -> MambaConfig field (the Mamba settings Megatron has no flag for)
 MAMBA_FLAGS = {
@@ -65,6 +76,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
     return value
 
 
@@ -115,6 +146,7 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         group.add_argument(flag, type=_positive_int, default=default, metavar="N",
                            help=f"Mamba-2 (M) layers built by the plugin: {docs[name]} "
                            f"(default {default}; Megatron has no flag for it)")
+    _add_stp_args(group)
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -127,6 +159,34 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "exists only here).",
     )
     return parser
+
+
+def _add_stp_args(group) -> None:
+    """The STP flags: ``--megacpp-stp`` turns it on, ``--megacpp-stp-*`` carry its section."""
+    docs = field_docs(StpConfig)
+    group.add_argument("--megacpp-stp", action="store_true",
+                       help="STP auxiliary loss: " + docs["enabled"])
+    kinds = {"weight": _non_negative_float, "start_step": _positive_int,
+             "ramp_steps": _non_negative_int, "triples": _positive_int,
+             "min_gap": _positive_int}
+    for flag, name in STP_FLAGS.items():
+        default = _default(StpConfig, name)
+        if name == "layers":
+            group.add_argument(flag, type=_positive_int, nargs="*", default=list(default),
+                               metavar="N", help=f"STP: {docs[name]}")
+        elif name == "form":
+            group.add_argument(flag, choices=_literal_values(StpConfig, name), default=default,
+                               help=f"STP: {docs[name]}")
+        else:
+            group.add_argument(flag, type=kinds[name], default=default, metavar="X",
+                               help=f"STP: {docs[name]} (default {default})")
+
+
+def stp_config_from_args(args: Any) -> StpConfig:
+    """The STP section from Megatron's parsed args (``--megacpp-stp`` and ``--megacpp-stp-*``)."""
+    values = {name: _megacpp(args, flag) for flag, name in STP_FLAGS.items()}
+    values["layers"] = tuple(values["layers"] or ())
+    return StpConfig(enabled=bool(_megacpp(args, "--megacpp-stp")), **values)
 
 
 def _hint(cls: type, name: str) -> Any:
@@ -255,8 +315,10 @@ def model_config_from_args(args: Any) -> ModelConfig:
 __all__ = [
     "MAMBA_FLAGS",
     "R_FLAGS",
+    "STP_FLAGS",
     "add_megacpp_args",
     "mamba_config_from_args",
     "model_config_from_args",
     "recurrent_config_from_args",
+    "stp_config_from_args",
 ]

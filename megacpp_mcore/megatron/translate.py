@@ -34,7 +34,7 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
+from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS, STP_FLAGS
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
@@ -240,6 +240,12 @@ def native_refusals(recipe: Recipe) -> list[str]:
             "(there is no non-TE hybrid spec, and HybridStack builds its final norm with TE); "
             "use backend auto or te for the native target, or --target plugin, which builds "
             "a local stack"
+        )
+    if recipe.stp.enabled:
+        problems.append(
+            "stp.enabled: the STP auxiliary loss is added by the plugin's training hooks "
+            "(forward hooks on decoder layers, its own backward scale); stock Megatron-LM has "
+            "no such loss. Use --target plugin, or --set stp.enabled=false"
         )
     if recipe.lowered_layout.has("M"):
         mamba = recipe.model.mamba
@@ -559,6 +565,20 @@ def translate(recipe: Recipe, target: str = "native",
         f.add("--null-tokenizer-eod-id", BYTE_EOD_ID, source="data.tokenizer",
               reason=f"the byte tokenizer's end-of-document id ({BYTE_EOD_ID}); "
               "NullTokenizer's default would be vocab_size - 1")
+
+    # ---- training-time features
+    if recipe.stp.enabled:  # native refuses it (native_refusals)
+        f.add("--megacpp-stp", source="stp.enabled",
+              reason="the plugin's training hook adds the STP loss (launcher)")
+        for flag, name in STP_FLAGS.items():
+            value = getattr(recipe.stp, name)
+            if name == "layers":
+                if value:
+                    f.add(flag, *value, source="stp.layers")
+                continue
+            f.add(flag, value, source=f"stp.{name}")
+    else:
+        omit("stp", "stp.enabled is false")
 
     # ---- logging, receipts, provenance
     if recipe.logging.tensorboard_dir is not None:

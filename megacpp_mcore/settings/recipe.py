@@ -50,6 +50,7 @@ from megacpp_mcore.settings.config import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    StpConfig,
     TrainingConfig,
 )
 from megacpp_mcore.settings.sizes import size_problems
@@ -92,6 +93,7 @@ class Recipe:
         training: the training schedule and optimizer section.
         data: the data section.
         logging: the logging and receipts section.
+        stp: the STP auxiliary-loss section (trajectory straightening; off by default).
         source: where the recipe was loaded from (set by the loader; not a key).
         overrides: the --set overrides applied on top of the file (set by the loader; not a
             key).
@@ -110,6 +112,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stp: StpConfig = field(default_factory=StpConfig)
     source: str = field(default="", compare=False, metadata={"key": False})
     overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
 
@@ -282,7 +285,8 @@ def _plain(value: Any) -> Any:
 
 #: integer keys that may be zero (every other integer must be >= 1).
 _NON_NEGATIVE_INTS = frozenset(
-    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters"}
+    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters",
+     "stp.ramp_steps"}
 )
 
 
@@ -303,6 +307,7 @@ _FLOAT_RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
     "training.adam_beta1": ("in [0, 1)", _in_unit),
     "training.adam_beta2": ("in [0, 1)", _in_unit),
     "training.clip_grad": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+    "stp.weight": (">= 0", lambda v: v >= 0),
 }
 
 
@@ -744,6 +749,15 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"training.eval_interval ({training.eval_interval}) is set but "
             "training.eval_iters is 0; set eval_iters >= 1 or eval_interval null"
+        )
+
+    # stp
+    stp = recipe.stp
+    bad_layers = [n for n in stp.layers if n > layout.depth]
+    if bad_layers:
+        problems.append(
+            f"stp.layers {bad_layers}: decoder layers are numbered 1..{layout.depth} "
+            "(multi-token-prediction layers cannot be chosen)"
         )
 
     # data
