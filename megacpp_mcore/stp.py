@@ -356,8 +356,7 @@ class StpHook(TrainingHook):
                             "then divides gradients by the token count, which the STP scale "
                             "does not undo")
         self.layers = wanted
-        self.loss_scale_fn = context.extra.get("loss_scale_fn") or getattr(
-            config, "grad_scale_func", None)
+        self._config = config  # Megatron sets config.grad_scale_func when training starts
         self._setup_split(config)
         found = []
         for decoder in decoders:
@@ -427,13 +426,14 @@ class StpHook(TrainingHook):
         return SequenceSplit(positions, local_len * tp_size * cp_size, groups)
 
     def _scale(self, device) -> torch.Tensor:
-        if self.loss_scale_fn is not None:
-            loss_scale = torch.as_tensor(self.loss_scale_fn(torch.ones(1, device=device)),
-                                         device=device).reshape(())
-        else:
-            loss_scale = torch.tensor(float(self.context.loss_scale), device=device)
+        """weight x loss scale x CP size / (micro-batches x chosen layers), on ``device``."""
         factor = self.weight * self.cp[1] / (self.context.num_microbatches * len(self.layers))
-        return loss_scale.float() * factor
+        scale_fn = self.context.extra.get("loss_scale_fn") or getattr(
+            self._config, "grad_scale_func", None)
+        if scale_fn is None:
+            return torch.full((), float(self.context.loss_scale) * factor, device=device)
+        loss_scale = torch.as_tensor(scale_fn(torch.ones(1, device=device)), device=device)
+        return loss_scale.reshape(()).float() * factor
 
     def _make_layer_hook(self, decoder_key: int) -> Callable:
         def hook(module, args, output):

@@ -213,24 +213,18 @@ def _micro_batches(n, batch=2, seq=32, vocab=256):
     return tokens
 
 
-@pytest.mark.parametrize("pattern,layers", [("AEMF", (2, 4)), ("AMFA", ())])
-def test_hook_gradients_equal_the_explicit_loss(megatron_single_process, pattern, layers):
+def _hook_vs_explicit(model, layout, layers, micro=2, step=7, weight=0.5, eod_id=255):
+    """Gradients through the hook, through the explicit ``(lm + weight * stp) / micro``, and
+    without STP; the logged metrics and the explicit STP values."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megacpp_mcore.model import build_model
-
-    torch.manual_seed(0)
-    layout = parse_pattern(pattern)
-    model = build_model(layout, tiny_model_config(), precision=PrecisionConfig("fp32"))
-    micro, step, weight, eod_id = 2, 7, 0.5, 255
     config = StpConfig(enabled=True, weight=weight, start_step=5, triples=16, min_gap=2,
                        layers=layers)
     data = _micro_batches(micro)
     positions = torch.arange(32).expand(2, 32)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / micro))
 
-    hook = StpHook(config, seed=99, eod_id=eod_id)
-    hooks = HookList([hook])
+    hooks = HookList([StpHook(config, seed=99, eod_id=eod_id)])
     hooks.install([model], HookContext(num_microbatches=micro, layout=layout))
     hooks.before_step(step, [model], None)
     for m in range(micro):
@@ -247,7 +241,7 @@ def test_hook_gradients_equal_the_explicit_loss(megatron_single_process, pattern
     handles = [layer.register_forward_hook(
         lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         for layer in model.decoder.layers if layer.layer_number in chosen]
-    explicit_values = []
+    values = []
     for m in range(micro):
         captured.clear()
         tokens = data[m, :, :-1]
@@ -258,24 +252,60 @@ def test_hook_gradients_equal_the_explicit_loss(megatron_single_process, pattern
             stp = stp + stp_loss(hidden.transpose(0, 1), samples=16, min_gap=2,
                                  eod_mask=tokens == eod_id, generator=gen)
         stp = stp / len(captured)
-        explicit_values.append(stp.item())
+        values.append(stp.item())
         ((losses.float().mean() + weight * stp) / micro).backward()
     for handle in handles:
         handle.remove()
     explicit = _grads(model)
-    assert via_hook.keys() == explicit.keys()
-    for name in explicit:
-        torch.testing.assert_close(via_hook[name], explicit[name], rtol=1e-5, atol=1e-7,
-                                   msg=name)
-    assert logged["stp_loss"] == pytest.approx(sum(explicit_values) / micro, rel=1e-5)
-    assert logged["stp_weight"] == weight
-    # the STP term really changed the gradients (the test would notice a lost injection)
     model.zero_grad(set_to_none=True)
     for m in range(micro):
         losses = model(data[m, :, :-1], positions, None, labels=data[m, :, 1:])
         (losses.float().mean() / micro).backward()
     plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    return via_hook, explicit, plain, logged, values
+
+
+def _assert_same_grads(via_hook, explicit, plain):
+    assert via_hook.keys() == explicit.keys()
+    for name in explicit:
+        torch.testing.assert_close(via_hook[name], explicit[name], rtol=1e-5, atol=1e-7,
+                                   msg=name)
+    # the STP term really changed the gradients (the test would notice a lost injection)
     assert any(not torch.allclose(plain[n], explicit[n]) for n in explicit)
+
+
+@pytest.mark.parametrize("pattern,layers", [("AEMF", (2, 4)), ("AMFA", ())])
+def test_hook_gradients_equal_the_explicit_loss(megatron_single_process, pattern, layers):
+    from megacpp_mcore.model import build_model
+
+    torch.manual_seed(0)
+    layout = parse_pattern(pattern)
+    model = build_model(layout, tiny_model_config(), precision=PrecisionConfig("fp32"))
+    via_hook, explicit, plain, logged, values = _hook_vs_explicit(model, layout, layers)
+    _assert_same_grads(via_hook, explicit, plain)
+    assert logged["stp_loss"] == pytest.approx(sum(values) / len(values), rel=1e-5)
+    assert logged["stp_weight"] == 0.5
+
+
+def _tp2_hook_run(rank, world_size):
+    from megacpp_mcore.distributed import init_process_groups
+    from megacpp_mcore.model import build_model
+
+    init_process_groups(tensor=2, seed=7)
+    layout = parse_pattern("AMFA")
+    model = build_model(layout, tiny_model_config(), precision=PrecisionConfig("fp32"))
+    via_hook, explicit, plain, logged, values = _hook_vs_explicit(model, layout, ())
+    _assert_same_grads(via_hook, explicit, plain)
+    return logged["stp_loss"], sum(values) / len(values)
+
+
+def test_tensor_parallel_ranks_compute_the_same_loss_and_exact_gradients(tmp_path):
+    """TP=2 without sequence parallelism: both ranks hold the same hidden states, draw the
+    same samples, and the hook's gradients equal the explicit form on each rank."""
+    (logged0, explicit0), (logged1, _) = run_distributed(_tp2_hook_run, 2, tmp_path)
+    assert logged0 == pytest.approx(explicit0, rel=1e-5)
+    assert logged0 == pytest.approx(logged1, rel=1e-6)
 
 
 def test_before_the_gate_the_loss_is_logged_without_gradient(megatron_single_process):
@@ -385,6 +415,8 @@ def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
         [sys.executable, "-m", "megacpp_mcore.cli.main", "train", "tiny", "--device", "cpu",
          "--receipt", str(receipt_path), "--set", "training.train_iters=20",
          "--set", "training.log_interval=5", "--set", "training.lr_warmup_iters=2",
+         "--set", "training.global_batch_size=4", "--set", "training.micro_batch_size=2",
+         "--set", "model.seq_length=64",
          "--set", "stp.enabled=true", "--set", "stp.start_step=10", "--set", "stp.triples=16"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -395,3 +427,21 @@ def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
     weights = [iv["aux_losses"]["stp_weight"] for iv in intervals]
     assert weights[0] == 0.0 and weights[2:] == [0.1, 0.1]
     assert "stp_loss" in result.stdout
+
+
+def test_backward_scale_folds_in_micro_batches_loss_scale_and_context_parallel(
+        megatron_single_process):
+    from megacpp_mcore.model import build_model
+
+    layout = parse_pattern("AFAF")
+    model = build_model(layout, tiny_model_config(), precision=PrecisionConfig("fp32"))
+    hook = StpHook(StpConfig(enabled=True, weight=0.2, layers=(2, 4)))
+    hook.install([model], HookContext(num_microbatches=4, loss_scale=1.0, layout=layout))
+    hook.before_step(1, [model], None)
+    assert hook._scale("cpu").item() == pytest.approx(0.2 / (4 * 2))
+    model.config.grad_scale_func = lambda ones: ones * 1024.0  # as Megatron sets it
+    assert hook._scale("cpu").item() == pytest.approx(1024 * 0.2 / 8)
+    hook.cp = (1, 2, None)  # context parallel 2: Megatron averages gradients over CP too
+    assert hook._scale("cpu").item() == pytest.approx(2 * 1024 * 0.2 / 8)
+    model.config.grad_scale_func = None
+    hook.remove()
