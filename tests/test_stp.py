@@ -404,6 +404,7 @@ def test_features_build_the_hook_only_when_enabled():
 
 @pytest.mark.slow
 def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -411,6 +412,9 @@ def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
     from megacpp_mcore.receipt import load_receipt
 
     receipt_path = tmp_path / "r.json"
+    # a fresh process: not the rendezvous of this test process (set by earlier tests)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run(
         [sys.executable, "-m", "megacpp_mcore.cli.main", "train", "tiny", "--device", "cpu",
          "--receipt", str(receipt_path), "--set", "training.train_iters=20",
@@ -418,7 +422,7 @@ def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
          "--set", "training.global_batch_size=4", "--set", "training.micro_batch_size=2",
          "--set", "model.seq_length=64",
          "--set", "stp.enabled=true", "--set", "stp.start_step=10", "--set", "stp.triples=16"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     intervals = load_receipt(receipt_path).intervals
     assert [iv["step"] for iv in intervals] == [5, 10, 15, 20]
