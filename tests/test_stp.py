@@ -364,7 +364,7 @@ def test_native_translation_refuses_stp_and_plugin_carries_it():
 
     recipe = load_recipe("tiny", ["stp.enabled=true", "r_lowering=M", "stp.layers=[2,6]",
                                   "stp.ramp_steps=5"])
-    with pytest.raises(TranslateError, match=r"stp\.enabled: the STP auxiliary loss"):
+    with pytest.raises(TranslateError, match=r"stp\.enabled \(True\) needs the plugin"):
         translate(recipe, "native")
     argv = translate(recipe, "plugin").argv()
     assert "--megacpp-stp" in argv
