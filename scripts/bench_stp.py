@@ -63,9 +63,14 @@ def models(names: list[str]) -> list[tuple[str, str, ModelConfig, int]]:
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_round(model, optimizer, tokens, positions, labels, steps: int, hook=None) -> float:
     """Tokens/s over ``steps`` training steps (synchronised before and after)."""
-    torch.cuda.synchronize()
+    _sync()
     started = time.perf_counter()
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -76,7 +81,7 @@ def run_round(model, optimizer, tokens, positions, labels, steps: int, hook=None
         optimizer.step()
         if hook is not None:
             hook.metrics()  # what a loop reads once per step (one host sync)
-    torch.cuda.synchronize()
+    _sync()
     return steps * tokens.numel() / (time.perf_counter() - started)
 
 
@@ -84,14 +89,14 @@ def bench(name, pattern, config, micro, args) -> dict:
     seed_everything(1234)
     layout = parse_pattern(pattern)
     model = build_model(layout, config, backend=args.backend,
-                        precision=PrecisionConfig("bf16"))
+                        precision=PrecisionConfig(args.dtype))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (micro, config.seq_length + 1), generator=gen)
     data[:, config.seq_length // 3] = 256  # an end-of-document token
-    data = data.cuda()
+    data = data.to(args.device)
     tokens, labels = data[:, :-1], data[:, 1:]
-    positions = torch.arange(config.seq_length, device="cuda").expand(micro, -1)
+    positions = torch.arange(config.seq_length, device=args.device).expand(micro, -1)
     stp = StpConfig(enabled=True, weight=0.1, start_step=1, triples=args.triples)
     run_round(model, optimizer, tokens, positions, labels, args.warmup)
     rounds = []
@@ -104,7 +109,8 @@ def bench(name, pattern, config, micro, args) -> dict:
         hook.remove()
         rounds.append({"off": off, "on": on, "tax": 1 - on / off})
     del model, optimizer
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"model": name, "pattern": pattern, "hidden": config.hidden_size,
             "seq": config.seq_length, "micro_batch": micro, "rounds": rounds,
             "off_median": statistics.median(r["off"] for r in rounds),
@@ -121,9 +127,12 @@ def main() -> int:
     parser.add_argument("--triples", type=int, default=64)
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of the harness only (fp32), not a measurement")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_stp needs a CUDA GPU")
+    args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_stp needs a CUDA GPU (or --device cpu for a smoke run)")
     init_process_groups(seed=1234)
     results = [bench(*spec, args) for spec in models(args.models)]
     print(f"{'model':<6} {'pattern':<10} {'hidden':>6} {'seq':>5} {'mb':>3} "
