@@ -15,4 +15,8 @@ from megacpp_mcore.train.hooks import HookList, TrainingHook
 def build_training_hooks(recipe: Any) -> HookList:
     """The hooks the recipe asks for, in a fixed order (plasticity before STP)."""
     hooks: list[TrainingHook] = []
+    if recipe.stp.enabled:
+        from megacpp_mcore.stp import StpHook
+
+        hooks.append(StpHook.from_recipe(recipe))
     return HookList(hooks)

@@ -25,7 +25,13 @@ from typing import Any
 
 from megacpp_mcore.errors import PatternError, RecipeError, SpecError
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.settings.config import DataConfig, MambaConfig, ModelConfig, RecurrentConfig
+from megacpp_mcore.settings.config import (
+    DataConfig,
+    MambaConfig,
+    ModelConfig,
+    RecurrentConfig,
+    StpConfig,
+)
 from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
 from megacpp_mcore.settings.table import BY_KEY, plugin_rows, value_problem
 from megacpp_mcore.settings.table import rows as table_rows
@@ -128,6 +134,7 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     for row in _registered_rows():
         register_row(group, row)
+    _add_stp_args(group)
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -140,6 +147,30 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "exists only here).",
     )
     return parser
+
+
+def _add_stp_args(group) -> None:
+    """The STP rows of the table (``--megacpp-stp`` and ``--megacpp-stp-*``): emitted only
+    while STP is on, so they are registered here rather than by the generic loop."""
+    for row in table_rows("stp."):
+        cls, f, tp = _field(row.key)
+        text = f"{row.key}: {field_docs(cls)[f.name]}"
+        if row.kind == "switch":
+            group.add_argument(row.flag, action="store_true", help=text)
+        elif typing.get_origin(tp) is tuple:
+            group.add_argument(row.flag, type=_parser_for(row.key + "[]", int), nargs="*",
+                               default=list(f.default), metavar="N", help=text)
+        elif typing.get_origin(tp) is typing.Literal:
+            group.add_argument(row.flag, choices=typing.get_args(tp), default=f.default,
+                               help=text)
+        else:
+            group.add_argument(row.flag, type=_parser_for(row.key, tp), default=f.default,
+                               metavar="X", help=f"{text} (default {f.default})")
+
+
+def stp_config_from_args(args: Any) -> StpConfig:
+    """The STP section from Megatron's parsed args (``--megacpp-stp``, ``--megacpp-stp-*``)."""
+    return section_from_args("stp", args)
 
 
 def _hint(cls: type, name: str) -> Any:
@@ -235,4 +266,5 @@ __all__ = [
     "recurrent_config_from_args",
     "register_row",
     "section_from_args",
+    "stp_config_from_args",
 ]

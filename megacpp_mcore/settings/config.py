@@ -378,3 +378,35 @@ class LoggingConfig(_Checked):
 
     receipt_dir: str = "runs"
     tensorboard_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StpConfig(_Checked):
+    """STP, the trajectory-straightness auxiliary loss (arXiv 2602.22617), on decoder layers.
+
+    Attributes:
+        enabled: add the STP loss (needs the plugin: --target native refuses it).
+        weight: the loss weight lambda (total loss = LM loss + weight * STP); the paper uses 0.1.
+        start_step: first iteration (1-based) whose gradient includes STP; before it the loss
+            is computed without gradient, for logging only.
+        ramp_steps: iterations over which the weight rises linearly from weight / ramp_steps
+            to weight, starting at start_step (0: no ramp).
+        triples: samples (triples or spans) drawn per sequence and micro-batch.
+        min_gap: minimum distance in positions between consecutive sampled points.
+        layers: decoder layer numbers (1-based) whose outputs are straightened; empty means
+            the last decoder layer (multi-token-prediction layers are never used).
+        form: triple (1 - cos(h[t] - h[r], h[r] - h[s]) for s < r < t, the paper's form) or
+            span (a random span's displacement against the rest of its document, the
+            released code's random_span form).
+    """
+
+    PREFIX: ClassVar[str] = "stp"
+
+    enabled: bool = False
+    weight: float = 0.1
+    start_step: int = 1
+    ramp_steps: int = 0
+    triples: int = 64
+    min_gap: int = 1
+    layers: tuple[int, ...] = ()
+    form: Literal["triple", "span"] = "triple"

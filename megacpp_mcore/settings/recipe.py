@@ -49,6 +49,7 @@ from megacpp_mcore.settings.config import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    StpConfig,
     TrainingConfig,
     check_fields,
 )
@@ -93,6 +94,7 @@ class Recipe:
         training: the training schedule and optimizer section.
         data: the data section.
         logging: the logging and receipts section.
+        stp: the STP auxiliary-loss section (trajectory straightening; off by default).
         source: where the recipe was loaded from (set by the loader; not a key).
         overrides: the --set overrides applied on top of the file (set by the loader; not a
             key).
@@ -111,6 +113,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stp: StpConfig = field(default_factory=StpConfig)
     source: str = field(default="", compare=False, metadata={"key": False})
     overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
 
@@ -759,6 +762,14 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"training.eval_interval ({training.eval_interval}) is set but "
             "training.eval_iters is 0; set eval_iters >= 1 or eval_interval null"
+        )
+
+    # stp
+    bad_layers = [n for n in recipe.stp.layers if n > layout.depth]
+    if bad_layers:
+        problems.append(
+            f"stp.layers {bad_layers}: decoder layers are numbered 1..{layout.depth} "
+            "(multi-token-prediction layers cannot be chosen)"
         )
 
     # data

@@ -304,6 +304,23 @@ def _none(value: Any, root: Any) -> list[tuple]:
     return []
 
 
+def _stp_flags(value: Any, root: Any, flag: str) -> list[tuple]:
+    """An STP setting travels only while STP is on (nothing for the native target to refuse
+    when it is off)."""
+    if not root.stp.enabled:
+        return []
+    if isinstance(value, tuple):
+        return [(flag, *value)] if value else []
+    return [(flag, value)]
+
+
+def _stp_row(name: str, flag: str, check: Check | None = None, **kwargs: Any) -> Setting:
+    return Setting(f"stp.{name}", flag, check=check,
+                   emit=lambda value, root: _stp_flags(value, root, flag),
+                   native_omits="STP needs the plugin (stp.enabled is refused by --target "
+                   "native)", register=False, **kwargs)
+
+
 _DEFAULT_DROPOUT = "explicit: Megatron's default is 0.1"
 _MAMBA_PLUGIN = "Megatron has no flag for it; the plugin's Mamba-2 mixer reads it"
 
@@ -457,6 +474,17 @@ SETTINGS: tuple[Setting, ...] = (
             native_omits="receipts are written by the plugin launcher (plugin target)",
             register=False),
     Setting("logging.tensorboard_dir", "--tensorboard-dir"),
+    # ---- STP auxiliary loss (plugin only: the training hook in megacpp_mcore/stp.py)
+    Setting("stp.enabled", "--megacpp-stp", kind="switch", register=False,
+            reason="the plugin's training hook adds the STP loss"),
+    _stp_row("weight", "--megacpp-stp-weight", NON_NEGATIVE),
+    _stp_row("start_step", "--megacpp-stp-start-step"),
+    _stp_row("ramp_steps", "--megacpp-stp-ramp-steps", NON_NEGATIVE),
+    _stp_row("triples", "--megacpp-stp-triples"),
+    _stp_row("min_gap", "--megacpp-stp-min-gap"),
+    _stp_row("layers", "--megacpp-stp-layers",
+             read_args=lambda a: tuple(a.megacpp_stp_layers or ())),
+    _stp_row("form", "--megacpp-stp-form"),
 )
 
 BY_KEY: dict[str, Setting] = {row.key: row for row in SETTINGS}

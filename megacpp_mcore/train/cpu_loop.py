@@ -161,6 +161,7 @@ def train_on_cpu(
             for micro in range(micro_batches):
                 with meter.goodput.measure("data_wait"):
                     batch = windows.batch(step * micro_batches + micro)
+                hooks.before_micro_batch({"tokens": batch[:, :-1]})
                 losses = model(batch[:, :-1], positions, None, labels=batch[:, 1:])
                 loss_sum = losses.float().sum()
                 (loss_sum / losses.numel() / micro_batches).backward()

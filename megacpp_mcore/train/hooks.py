@@ -13,6 +13,10 @@ iteration, so a hook written once behaves the same on both paths:
     including Megatron's copy of fp32 main params into the model params, is complete, and no
     gradient of this iteration exists yet. An intervention changes the model params, the
     optimizer's main params and its moments together, here.
+``before_micro_batch(batch)``
+    before each training micro-batch's forward, with the loop's batch (``tokens`` ``[B, S]``
+    of the whole sequence, before any context-parallel slicing; optionally ``padding_mask``):
+    what a forward hook needs to know about the data (e.g. end-of-document positions).
 ``after_step(step, model_chunks, optimizer)``
     after optimizer step ``step`` completed: observe (gradient EMAs, activity statistics)
     and decide what to apply at the next ``before_step``.
@@ -74,6 +78,9 @@ class TrainingHook:
                     optimizer: Any) -> None:
         pass
 
+    def before_micro_batch(self, batch: dict[str, Any]) -> None:
+        pass
+
     def after_step(self, step: int, model_chunks: Sequence[torch.nn.Module],
                    optimizer: Any) -> None:
         pass
@@ -124,6 +131,10 @@ class HookList:
     def before_step(self, step: int, model_chunks, optimizer) -> None:
         for hook in self.hooks:
             self._timed(hook, "before_step", step, list(model_chunks), optimizer)
+
+    def before_micro_batch(self, batch: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            hook.before_micro_batch(batch)
 
     def after_step(self, step: int, model_chunks, optimizer) -> None:
         for hook in self.hooks:
