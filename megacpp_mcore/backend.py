@@ -122,7 +122,8 @@ def resolve_backend(
         path, reason = None, why
         if letter == "M":
             if cuda and have_mamba_kernels():
-                path, reason = "fused", f"{why}; mamba-ssm fused SSD scan"
+                path = "fused"
+                reason = f"{why}; Megatron's MambaMixer (mamba-ssm fused SSD scan)"
             elif built == "te":
                 raise SpecError(
                     f"M layers {_numbers(layout, 'M')}: backend te runs Mamba-2 with mamba-ssm's "
@@ -130,7 +131,7 @@ def resolve_backend(
                     "(pip install -e '.[gpu]'); or use backend local for the PyTorch reference")
             else:
                 path = "reference"
-                reason = f"{why}; PyTorch reference SSD scan (" + (
+                reason = f"{why}; PyTorch reference of MambaMixer (" + (
                     "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
         elif letter == "R":
             if cuda:
