@@ -89,6 +89,7 @@ def resolve_backend(
     layout: Layout,
     cuda: bool | None = None,
     moe_dispatcher: str = "alltoall",
+    mamba_variant: str = "mamba2",
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
@@ -123,7 +124,9 @@ def resolve_backend(
         if letter == "M":
             if cuda and have_mamba_kernels():
                 path = "fused"
-                reason = f"{why}; Megatron's MambaMixer (mamba-ssm fused SSD scan)"
+                reason = f"{why}; " + ("mamba-ssm's Mamba-3 SISO Triton scan"
+                                       if mamba_variant == "mamba3" else
+                                       "Megatron's MambaMixer (mamba-ssm fused SSD scan)")
             elif built == "te":
                 raise SpecError(
                     f"M layers {_numbers(layout, 'M')}: backend te runs Mamba-2 with mamba-ssm's "
@@ -131,7 +134,9 @@ def resolve_backend(
                     "(pip install -e '.[gpu]'); or use backend local for the PyTorch reference")
             else:
                 path = "reference"
-                reason = f"{why}; PyTorch reference of MambaMixer (" + (
+                reason = f"{why}; PyTorch reference of " + (
+                    "mamba-ssm's Mamba-3 SISO scan" if mamba_variant == "mamba3"
+                    else "MambaMixer") + " (" + (
                     "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
         elif letter == "R":
             if cuda:

@@ -155,7 +155,8 @@ def build_model(
     if layout.mtp and parallel.pipeline > 1:
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
-    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+                                  mamba_variant=model.mamba.variant)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -137,13 +137,18 @@ class GroupedRMSNorm(torch.nn.Module):
     """RMS norm over groups of channels of a tensor-parallel mixer's inner width.
 
     Its weight is this rank's slice (``weight``, as Megatron's ``ExtendedRMSNorm`` of the
-    Mamba mixer), and it is saved split along dim 0 across tensor-parallel ranks.
+    Mamba mixer), and it is saved split along dim 0 across tensor-parallel ranks; with
+    ``tp_split=False`` the weight is one per group position, the same on every rank.
     """
 
-    def __init__(self, local_size: int, group_size: int, eps: float, config, tp_group):
+    def __init__(self, local_size: int, group_size: int, eps: float, config, tp_group,
+                 tp_split: bool = True):
         super().__init__()
         self.group_size, self.eps, self.tp_group = group_size, eps, tp_group
         self.weight = new_parameter(torch.ones(local_size), config)
+        self.tp_axes = {"weight": 0} if tp_split else {}
+        if not tp_split:  # one weight shared by every rank's channels
+            self.weight.tensor_model_parallel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grouped_rms_norm(x, self.weight, self.group_size, self.eps)
@@ -151,7 +156,7 @@ class GroupedRMSNorm(torch.nn.Module):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            self.state_dict(prefix="", keep_vars=True), prefix, self.tp_axes, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
 

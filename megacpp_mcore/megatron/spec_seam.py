@@ -81,7 +81,8 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     # without TE); without it, --transformer-impl is taken literally.
     backend = getattr(args, "megacpp_backend", None) or impl
     model = model_config_from_args(args)
-    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+                                  mamba_variant=model.mamba.variant)
     return build_stack_spec(layout, model, plan)
 
 
