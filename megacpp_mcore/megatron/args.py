@@ -48,6 +48,13 @@ MAMBA_FLAGS = {
     "--megacpp-mamba-conv-kernel": "conv_kernel",
     "--megacpp-mamba-chunk-size": "chunk_size",
 }
+#: the Mamba-3 variant's flags (stock Megatron has no Mamba-3)
+MAMBA3_FLAGS = {
+    "--megacpp-mamba-variant": "variant",
+    "--megacpp-mamba-rope-fraction": "rope_fraction",
+    "--megacpp-mamba-mimo": "mimo",
+    "--megacpp-mamba-mimo-rank": "mimo_rank",
+}
 
 
 def _dest(flag: str) -> str:
@@ -115,6 +122,17 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         group.add_argument(flag, type=_positive_int, default=default, metavar="N",
                            help=f"Mamba-2 (M) layers built by the plugin: {docs[name]} "
                            f"(default {default}; Megatron has no flag for it)")
+    group.add_argument("--megacpp-mamba-variant", choices=_literal_values(MambaConfig, "variant"),
+                       default=_default(MambaConfig, "variant"),
+                       help=f"M layers: {docs['variant']}")
+    group.add_argument("--megacpp-mamba-rope-fraction", type=float, choices=(0.5, 1.0),
+                       default=_default(MambaConfig, "rope_fraction"),
+                       help=f"M layers, {docs['rope_fraction']}")
+    group.add_argument("--megacpp-mamba-mimo", action="store_true",
+                       help=f"M layers, {docs['mimo']}")
+    group.add_argument("--megacpp-mamba-mimo-rank", type=_positive_int, metavar="N",
+                       default=_default(MambaConfig, "mimo_rank"),
+                       help=f"M layers, {docs['mimo_rank']}")
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -150,13 +168,13 @@ def recurrent_config_from_args(args: Any) -> RecurrentConfig:
 
 
 def mamba_config_from_args(args: Any) -> MambaConfig:
-    """The Mamba-2 settings: Megatron's ``--mamba-*`` plus the plugin's ``--megacpp-mamba-*``."""
+    """The Mamba settings: Megatron's ``--mamba-*`` plus the plugin's ``--megacpp-mamba-*``."""
     return MambaConfig(
         state_dim=args.mamba_state_dim,
         head_dim=args.mamba_head_dim,
         num_groups=args.mamba_num_groups,
         num_heads=args.mamba_num_heads,
-        **{name: _megacpp(args, flag) for flag, name in MAMBA_FLAGS.items()},
+        **{name: _megacpp(args, flag) for flag, name in {**MAMBA_FLAGS, **MAMBA3_FLAGS}.items()},
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
+from megacpp_mcore.megatron.args import MAMBA3_FLAGS, MAMBA_FLAGS, R_FLAGS
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
@@ -243,6 +243,10 @@ def native_refusals(recipe: Recipe) -> list[str]:
         )
     if recipe.lowered_layout.has("M"):
         mamba = recipe.model.mamba
+        if mamba.variant != "mamba2":
+            problems.append(
+                f"model.mamba.variant ({mamba.variant}): stock Megatron's M is Mamba-2 "
+                "(MambaMixer) only; use --target plugin for Mamba-3")
         builtin = {"conv_kernel": ("d_conv", 4), "chunk_size": ("chunk_size", 128)}
         for name, (megatron_name, megatron_default) in builtin.items():
             value = getattr(mamba, name)
@@ -433,6 +437,18 @@ def translate(recipe: Recipe, target: str = "native",
             for flag, name in MAMBA_FLAGS.items():
                 f.add(flag, getattr(mamba, name), source=f"model.mamba.{name}",
                       reason="Megatron has no flag for it; the plugin's Mamba-2 mixer reads it")
+            if mamba.variant == "mamba3":
+                for flag, name in MAMBA3_FLAGS.items():
+                    value = getattr(mamba, name)
+                    if name == "mimo" and value:
+                        f.add(flag, source="model.mamba.mimo", reason="Mamba-3 (plugin only)")
+                    elif name != "mimo":
+                        f.add(flag, value, source=f"model.mamba.{name}",
+                              reason="Mamba-3 (plugin only)")
+            else:
+                omit("model.mamba.variant", "mamba2 is the plugin's default M mixer")
+                for name in ("rope_fraction", "mimo", "mimo_rank"):
+                    omit(f"model.mamba.{name}", "a Mamba-3 setting; the variant is mamba2")
         else:
             for name in MAMBA_FLAGS.values():
                 omit(f"model.mamba.{name}", "stock Megatron has no flag; its MambaMixer's "
