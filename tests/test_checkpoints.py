@@ -55,6 +55,8 @@ def test_mamba_mixer_has_megatron_layout(megatron_single_process, tmp_path):
     assert actual == expected
     assert mixer.in_proj.weight.partition_sizes == [d_inner, d_inner, group, group, heads]
     assert mixer.conv1d_weight.partition_sizes == [d_inner, group, group]
+    assert mixer.fused_parts()["in_proj.weight"] == [
+        ("z", d_inner), ("x", d_inner), ("B", group), ("C", group), ("dt", heads)]
 
     save_sync(model, tmp_path)
     prefix = "decoder.layers.0.mixer."

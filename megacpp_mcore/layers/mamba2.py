@@ -102,7 +102,7 @@ class Mamba2Mixer(MegatronModule):
             [self.d_inner, self.d_inner, group_dim, group_dim, self.nheads], config,
             self.tp_group,
         )
-        parts = mamba_fused_parts(self)
+        parts = self.fused_parts()
         self.in_proj.weight.partition_sizes = [size for _, size in parts["in_proj.weight"]]
         x_w, x_b = conv_init(self.d_inner, d_conv)
         b_w, b_b = conv_init(group_dim, d_conv)
@@ -122,6 +122,11 @@ class Mamba2Mixer(MegatronModule):
                                    config, self.tp_group)
         self.out_proj = out_projection(submodules.out_proj, self.d_inner, d_model, config,
                                        self.tp_group)
+
+    def fused_parts(self) -> dict[str, list[tuple[str, int]]]:
+        """As every plugin mixer: the fused parameters' logical parts (``mamba_fused_parts``
+        gives the same for Megatron's ``MambaMixer``)."""
+        return mamba_fused_parts(self)
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
                 packed_seq_params=None):
