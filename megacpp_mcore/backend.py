@@ -39,7 +39,10 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE)
 
 
-def have_mamba_kernels() -> bool:
+def have_mamba_kernels(variant: str = "mamba2") -> bool:
+    """mamba-ssm's kernels for the M variant (Mamba-3's SISO scan ships from mamba-ssm 2.3)."""
+    if variant == "mamba3":
+        return have_module("mamba_ssm") and have_module("mamba_ssm.ops.triton.mamba3")
     return have_module("mamba_ssm") and have_module("causal_conv1d")
 
 
@@ -122,7 +125,7 @@ def resolve_backend(
     for letter in letters:
         path, reason = None, why
         if letter == "M":
-            if cuda and have_mamba_kernels():
+            if cuda and have_mamba_kernels(mamba_variant):
                 path = "fused"
                 reason = f"{why}; " + ("mamba-ssm's Mamba-3 SISO Triton scan"
                                        if mamba_variant == "mamba3" else
@@ -137,7 +140,7 @@ def resolve_backend(
                 reason = f"{why}; PyTorch reference of " + (
                     "mamba-ssm's Mamba-3 SISO scan" if mamba_variant == "mamba3"
                     else "MambaMixer") + " (" + (
-                    "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
+                    "no CUDA)" if not cuda else "mamba-ssm kernels for it not installed)")
         elif letter == "R":
             if cuda:
                 path, reason = "fused", f"{why}; Triton M2RNN scan"
