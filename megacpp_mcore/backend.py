@@ -40,7 +40,10 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE)
 
 
-def have_mamba_kernels() -> bool:
+def have_mamba_kernels(variant: str = "mamba2") -> bool:
+    """mamba-ssm's kernels for the M variant (Mamba-3's SISO scan ships from mamba-ssm 2.3)."""
+    if variant == "mamba3":
+        return have_module("mamba_ssm") and have_module("mamba_ssm.ops.triton.mamba3")
     return have_module("mamba_ssm") and have_module("causal_conv1d")
 
 
@@ -91,6 +94,7 @@ def resolve_backend(
     cuda: bool | None = None,
     moe_dispatcher: str = "alltoall",
     r_head_dims: tuple[int, int] | None = None,
+    mamba_variant: str = "mamba2",
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
@@ -125,8 +129,11 @@ def resolve_backend(
     for letter in letters:
         path, reason = None, why
         if letter == "M":
-            if cuda and have_mamba_kernels():
-                path, reason = "fused", f"{why}; mamba-ssm fused SSD scan"
+            if cuda and have_mamba_kernels(mamba_variant):
+                path = "fused"
+                reason = f"{why}; " + ("mamba-ssm's Mamba-3 SISO Triton scan"
+                                       if mamba_variant == "mamba3" else
+                                       "Megatron's MambaMixer (mamba-ssm fused SSD scan)")
             elif built == "te":
                 raise SpecError(
                     f"M layers {_numbers(layout, 'M')}: backend te runs Mamba-2 with mamba-ssm's "
@@ -134,8 +141,10 @@ def resolve_backend(
                     "(pip install -e '.[gpu]'); or use backend local for the PyTorch reference")
             else:
                 path = "reference"
-                reason = f"{why}; PyTorch reference SSD scan (" + (
-                    "no CUDA)" if not cuda else "mamba-ssm/causal-conv1d not installed)")
+                reason = f"{why}; PyTorch reference of " + (
+                    "mamba-ssm's Mamba-3 SISO scan" if mamba_variant == "mamba3"
+                    else "MambaMixer") + " (" + (
+                    "no CUDA)" if not cuda else "mamba-ssm kernels for it not installed)")
         elif letter == "R":
             unsupported = r_head_dims and fused_head_dims_problem(*r_head_dims)
             if cuda and unsupported:

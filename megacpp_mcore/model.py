@@ -155,7 +155,8 @@ def build_model(
     if problem:
         raise SpecError(problem)
     plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-                                   r_head_dims=r_head_dims(model))
+                                   r_head_dims=r_head_dims(model),
+                                   mamba_variant=model.mamba.variant)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -84,6 +84,14 @@ def test_mamba():
     assert flops.mamba_flops(tiny(mamba=explicit)) == 480 + 160 + 144 + 128
 
 
+def test_mamba3():
+    # heads 4, d_inner 16, G = 2, N = 4, rope_fraction 0.5 -> 1 angle; no conv
+    # in_proj 2*h*(2*d_inner + 2*G*N + 3*heads + angles) = 16*(32 + 16 + 12 + 1) = 976
+    # scan 8*d_inner*N = 8*16*4 = 512 (two outer products, decay, readout); out_proj 256
+    mamba3 = MambaConfig(variant="mamba3", state_dim=4, head_dim=4, num_groups=2)
+    assert flops.mamba_flops(tiny(mamba=mamba3)) == 976 + 512 + 256
+
+
 def test_recurrent():
     # H = 2, K = 4, V = 2, w = 4, h = 8
     # in_proj 2*h*H*(2K + 2V + 1) = 2*8*2*13 = 416

@@ -2,6 +2,7 @@
 
 import pytest
 from megatron.core.ssm.mamba_layer import MambaLayer
+from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
@@ -49,8 +50,11 @@ def test_local_specs():
     assert sub.mlp_layer.module is MLPLayer
     mamba = sub.mamba_layer
     assert mamba.module is MambaLayer and mamba.submodules.norm is LocalNorm
-    assert mamba.submodules.mixer.module is Mamba2Mixer
-    assert mamba.submodules.mixer.params["path"] == "fused"
+    assert mamba.submodules.mixer.module is MambaMixer  # fused: Megatron's own mixer
+    assert mamba.submodules.mixer.params == {"d_conv": 4, "chunk_size": 8}
+    reference = build_stack_spec(ALL_BUT_G, tiny_model_config(),
+                                 _plan("local").with_path("M", "reference", "test"))
+    assert reference.submodules.mamba_layer.submodules.mixer.module is Mamba2Mixer
     recurrent = sub.recurrent_layer
     assert recurrent.module is MambaLayer
     assert recurrent.submodules.mixer.module is RecurrentMixer
@@ -76,7 +80,9 @@ def test_te_specs_use_transformer_engine_modules():
     assert core is TEDotProductAttention
     assert sub.moe_layer.submodules.pre_mlp_layernorm is TENorm
     mixer = sub.mamba_layer.submodules.mixer
-    assert mixer.submodules.in_proj is TELayerNormColumnParallelLinear
+    native_mixer = upstream.mamba_layer.submodules.mixer
+    assert mixer.module is native_mixer.module is MambaMixer
+    assert mixer.submodules == native_mixer.submodules  # TE fused-norm in_proj, TE out_proj
     assert sub.recurrent_layer.submodules.mixer.submodules.in_proj is (
         TELayerNormColumnParallelLinear)
     assert sub.final_norm is TENorm

@@ -207,6 +207,9 @@ VARIATIONS = [
                         "model.moe.router_load_balancing=seq_aux_loss"]),
     ("tiny", "plugin", ["model.mamba.num_heads=4", "model.mamba.conv_kernel=3",
                         "model.mamba.chunk_size=64", "model.recurrent.backward_chunk=16"]),
+    ("tiny", "plugin", ["model.mamba.variant=mamba3", "model.mamba.rope_fraction=1.0",
+                        "model.mamba.mimo=true", "model.mamba.mimo_rank=2",
+                        "model.mamba.chunk_size=16"]),
     ("tiny", "native", ["r_lowering=A", "data.source=path", "data.paths=[/data/text]"]),
     ("tiny", "native", ["r_lowering=F", "data.source=mock", "data.tokenizer=null"]),
     ("tiny", "native", ["r_lowering=E", "backend=te", "data.source=mock",
@@ -283,6 +286,9 @@ def test_native_refuses_local_backend_and_mamba_settings_it_cannot_express():
         translate(load_recipe("nam52", ["model.mamba.conv_kernel=3"]), "native")
     plan = translate(load_recipe("nam52", ["model.mamba.conv_kernel=3"]), "plugin")
     assert "--megacpp-mamba-conv-kernel" in plan.argv()
+    with pytest.raises(TranslateError, match=r"model\.mamba\.variant \(mamba3\)"):
+        translate(load_recipe("nam52", ["model.mamba.variant=mamba3", "parallel.tensor=1",
+                                        "parallel.sequence_parallel=false"]), "native")
 
 
 def test_plugin_refuses_r_in_mtp_parts():

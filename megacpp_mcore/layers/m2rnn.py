@@ -133,9 +133,21 @@ class RecurrentMixer(MegatronModule):
         y = grouped_rms_norm(y.reshape(batch, length, H * V), self.norm_weight, V, NORM_EPS)
         return y.to(projected.dtype)
 
+    def fused_parts(self) -> dict[str, list[tuple[str, int]]]:
+        """The logical parts of the fused parameters, per tensor-parallel rank (rows, dim 0):
+        checkpoints save them part by part, and plasticity tools read them from here."""
+        H, K, V = self.heads_local, self.k_head_dim, self.v_head_dim
+        conv = [("q", H * K), ("k", H * K), ("v", H * V)]
+        return {
+            "in_proj.weight": [*conv, ("g", H * V), ("f", H)],
+            "conv1d_weight": conv,
+            "conv1d_bias": conv,
+        }
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return mixer_sharded_state_dict(
             self, prefix, sharded_offsets, metadata,
             ("conv1d_weight", "conv1d_bias", "dt_bias", "A_log", "D", "state_weight",
              "norm_weight"),
+            fused_parts=self.fused_parts(),
         )

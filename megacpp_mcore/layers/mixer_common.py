@@ -1,6 +1,6 @@
 """Pieces shared by the project's own mixers (M and R): tensor-parallel-invariant
 initialisation, the causal depthwise convolution, the per-group RMS norm and checkpoint
-sharding of per-head parameters.
+sharding (per-head parameters split over TP, fused parameters saved as their logical parts).
 
 Initialisation draws every parameter at its *full* (unsharded) size from the CPU generator
 and keeps this rank's slice, as Megatron's ``use_cpu_initialization`` does for its linears.
@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -132,9 +133,52 @@ def grouped_rms_norm(x: torch.Tensor, weight: torch.Tensor, group_size: int, eps
     return grouped.reshape(shape) * weight.float()
 
 
-def mixer_sharded_state_dict(module, prefix, sharded_offsets, metadata, tp_params):
+class GroupedRMSNorm(torch.nn.Module):
+    """RMS norm over groups of channels of a tensor-parallel mixer's inner width.
+
+    Its weight is this rank's slice (``weight``, as Megatron's ``ExtendedRMSNorm`` of the
+    Mamba mixer), and it is saved split along dim 0 across tensor-parallel ranks; with
+    ``tp_split=False`` the weight is one per group position, the same on every rank.
+    """
+
+    def __init__(self, local_size: int, group_size: int, eps: float, config, tp_group,
+                 tp_split: bool = True):
+        super().__init__()
+        self.group_size, self.eps, self.tp_group = group_size, eps, tp_group
+        self.weight = new_parameter(torch.ones(local_size), config)
+        self.tp_axes = {"weight": 0} if tp_split else {}
+        if not tp_split:  # one weight shared by every rank's channels
+            self.weight.tensor_model_parallel = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_rms_norm(x, self.weight, self.group_size, self.eps)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, self.tp_axes, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def split_fused(sharded: dict, prefix: str, fused_parts: dict) -> dict:
+    """Save each fused parameter as its logical parts (``in_proj.weight.q``, ...).
+
+    A fused tensor-parallel parameter is laid out per rank as [part1_local | part2_local |
+    ...]; saved whole, a checkpoint taken at one TP size would be scrambled at another.
+    Saved as parts (Megatron's own splitter, as its Mamba mixer does), each part is an
+    ordinary TP-split tensor. ``fused_parts``: parameter name -> [(part, rows on this rank)].
+    """
+    for name, parts in fused_parts.items():
+        sizes, names = [size for _, size in parts], [part for part, _ in parts]
+        sharded[prefix + name] = _split_tensor_factory(sharded[prefix + name], sizes, names, 0)
+    return sharded
+
+
+def mixer_sharded_state_dict(module, prefix, sharded_offsets, metadata, tp_params,
+                             fused_parts: dict | None = None):
     """Checkpoint sharding for a mixer: ``tp_params`` are split along dim 0 across TP ranks;
-    submodules (the TP linears) shard themselves."""
+    submodules (the TP linears) shard themselves; ``fused_parts`` are saved as parts."""
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     state: dict = {}
     module._save_to_state_dict(state, "", keep_vars=True)
@@ -152,4 +196,4 @@ def mixer_sharded_state_dict(module, prefix, sharded_offsets, metadata, tp_param
                 child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=module.tp_group
             )
         )
-    return sharded
+    return split_fused(sharded, prefix, fused_parts or {})

@@ -87,7 +87,8 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     backend = getattr(args, "megacpp_backend", None) or impl
     model = model_config_from_args(args)
     plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-                           r_head_dims=r_head_dims(model))
+                           r_head_dims=r_head_dims(model),
+                           mamba_variant=model.mamba.variant)
     return build_stack_spec(layout, model, plan)
 
 

@@ -129,25 +129,35 @@ class MoEConfig(_Checked):
 
 @dataclass(frozen=True)
 class MambaConfig(_Checked):
-    """Mamba-2 mixer (letter M).
+    """Mamba mixer (letter M): Mamba-2, or Mamba-3.
 
     Attributes:
+        variant: mamba2 (Megatron's MambaMixer on GPU) or mamba3 (mamba-ssm's Mamba-3 SISO
+            scan: trapezoidal rule, data-dependent rotary angles, no convolution).
         state_dim: SSM state size N per group.
         head_dim: channels per SSM head P.
         num_groups: B/C groups (split across tensor-parallel ranks).
         num_heads: SSM heads; null means 2 * hidden_size / head_dim (expand 2).
-        conv_kernel: width of the depthwise causal convolution.
-        chunk_size: chunk length of the chunked SSD scan (fused and reference).
+        conv_kernel: width of the depthwise causal convolution (Mamba-2 only).
+        chunk_size: chunk length of the chunked scan (fused and reference).
+        rope_fraction: Mamba-3: share of the state's channels rotated by the data-dependent
+            angles (0.5 or 1.0).
+        mimo: Mamba-3: multi-input multi-output form (mamba-ssm's TileLang kernels).
+        mimo_rank: Mamba-3 MIMO rank (inputs/outputs per head).
     """
 
     PREFIX: ClassVar[str] = "model.mamba"
 
+    variant: Literal["mamba2", "mamba3"] = "mamba2"
     state_dim: int = 128
     head_dim: int = 64
     num_groups: int = 8
     num_heads: int | None = None
     conv_kernel: int = 4
     chunk_size: int = 128
+    rope_fraction: float = 0.5
+    mimo: bool = False
+    mimo_rank: int = 4
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,7 @@ class ModelConfig(_Checked):
         hidden_dropout: dropout on the residual branches.
         attention_dropout: dropout on attention probabilities.
         moe: the MoE section (letter E).
-        mamba: the Mamba-2 section (letter M).
+        mamba: the Mamba section (letter M: Mamba-2 or Mamba-3).
         recurrent: the recurrent mixer section (letter R).
         gdn: the Gated DeltaNet section (letter G).
     """

@@ -19,6 +19,24 @@ def _divides(problems: list[str], value: int, value_name: str, by: int, by_name:
         problems.append(f"{value_name} ({value}) must be divisible by {by_name} ({by})")
 
 
+def _mamba3_problems(mamba, tp: int) -> list[str]:
+    problems = []
+    if mamba.rope_fraction not in (0.5, 1.0):
+        problems.append(f"model.mamba.rope_fraction ({mamba.rope_fraction}) must be 0.5 or 1.0")
+    elif int(mamba.state_dim * mamba.rope_fraction) < 2:
+        problems.append(f"model.mamba.state_dim ({mamba.state_dim}) x rope_fraction "
+                        f"({mamba.rope_fraction}) leaves no rotary pair for Mamba-3")
+    if mamba.mimo_rank < 1:
+        problems.append(f"model.mamba.mimo_rank ({mamba.mimo_rank}) must be at least 1")
+    if tp > 1:
+        problems.append(
+            f"model.mamba.variant mamba3 runs at parallel.tensor 1 only (got {tp}): its "
+            "rotary-angle rows of in_proj and its B/C norm weights are shared by all heads, so "
+            "split over tensor-parallel ranks they would need a gradient all-reduce that "
+            "Megatron's column-parallel projection does not do")
+    return problems
+
+
 def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) -> list[str]:
     """Every size rule ``model`` breaks for ``layout`` under ``parallel``; empty if none."""
     problems: list[str] = []
@@ -81,6 +99,8 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
                 _divides(problems, local_groups,
                          f"model.mamba.num_groups{per_rank} ({mamba.num_groups} / {tp})", cp,
                          "parallel.context")
+        if mamba.variant == "mamba3":
+            problems.extend(_mamba3_problems(mamba, tp))
     if layout.has("R"):
         _divides(problems, model.recurrent.num_heads, "model.recurrent.num_heads", tp, tp_name)
     if layout.has("G"):

@@ -321,6 +321,21 @@ def _stp_row(name: str, flag: str, check: Check | None = None, **kwargs: Any) ->
                    "native)", register=False, **kwargs)
 
 
+def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Setting:
+    """A Mamba-3 setting: it travels only while model.mamba.variant is mamba3."""
+
+    def emit(value: Any, root: Any) -> list[tuple]:
+        if root.model.mamba.variant != "mamba3":
+            return []
+        if kind == "switch":
+            return [(flag,)] if value else []
+        return [(flag, value)]
+
+    return Setting(f"model.mamba.{name}", flag, kind=kind, families="M", emit=emit,
+                   native_omits="a Mamba-3 setting (model.mamba.variant mamba3 is refused by "
+                   "--target native)", **kwargs)
+
+
 _DEFAULT_DROPOUT = "explicit: Megatron's default is 0.1"
 _MAMBA_PLUGIN = "Megatron has no flag for it; the plugin's Mamba-2 mixer reads it"
 
@@ -397,6 +412,12 @@ SETTINGS: tuple[Setting, ...] = (
             reason=_MAMBA_PLUGIN),
     Setting("model.mamba.chunk_size", "--megacpp-mamba-chunk-size", families="M", stock=128,
             reason=_MAMBA_PLUGIN),
+    Setting("model.mamba.variant", "--megacpp-mamba-variant", families="M", stock="mamba2",
+            reason="the plugin builds Mamba-3 (mamba-ssm's SISO scan); stock Megatron's M is "
+            "Mamba-2 only"),
+    _mamba3_row("rope_fraction", "--megacpp-mamba-rope-fraction"),
+    _mamba3_row("mimo", "--megacpp-mamba-mimo", kind="switch"),
+    _mamba3_row("mimo_rank", "--megacpp-mamba-mimo-rank", check=POSITIVE),
     # ---- R: recurrent (plugin only)
     Setting("model.recurrent.num_heads", "--megacpp-r-num-heads", families="R"),
     Setting("model.recurrent.k_head_dim", "--megacpp-r-k-head-dim", families="R"),

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | A | ``specs.attention`` | Megatron ``TransformerLayer`` with ``SelfAttention`` |
 | E | ``specs.moe`` | Megatron ``MoETransformerLayer`` (router + experts) |
-| M | ``specs.mamba`` | Megatron ``MambaLayer`` with this project's ``Mamba2Mixer`` |
+| M | ``specs.mamba`` | Megatron ``MambaLayer`` with ``MambaMixer`` (GPU) / ``Mamba2Mixer`` (CPU) |
 | F | ``specs.mlp`` | Megatron ``MLPLayer`` |
 | R | ``specs.recurrent`` | Megatron ``MambaLayer`` with this project's ``RecurrentMixer`` |
 | G | ``specs.gdn`` | Megatron ``TransformerLayer`` with ``GatedDeltaNet`` |

@@ -122,11 +122,18 @@ def moe_flops(model: ModelConfig, seq_length: int | None = None) -> float:
 
 
 def mamba_flops(model: ModelConfig, seq_length: int | None = None) -> float:
-    """M: Mamba-2 in_proj + depthwise conv + recurrence (6*d_inner*N) + out_proj, per token."""
+    """M: Mamba-2 in_proj + depthwise conv + recurrence (6*d_inner*N) + out_proj, per token;
+    Mamba-3 (SISO) has no conv, three per-head rows (dt, A, trap) and the rotary angles in
+    in_proj, and two state updates per step (trapezoidal rule: 8*d_inner*N)."""
     m, h = model.mamba, model.hidden_size
     nheads = model.mamba_heads
     d_inner = nheads * m.head_dim
     bc = 2 * m.num_groups * m.state_dim
+    if m.variant == "mamba3":
+        angles = int(m.state_dim * m.rope_fraction) // 2
+        in_proj = 2.0 * h * (2 * d_inner + bc + 3 * nheads + angles)
+        scan = 3 * 2.0 * d_inner * m.state_dim + 2.0 * d_inner * m.state_dim
+        return in_proj + scan + 2.0 * d_inner * h
     in_proj = 2.0 * h * (2 * d_inner + bc + nheads)
     conv = 2.0 * m.conv_kernel * (d_inner + bc)
     scan = 2.0 * 2.0 * d_inner * m.state_dim + 2.0 * d_inner * m.state_dim

@@ -53,6 +53,9 @@ def test_tiny_model_trains_in_bf16(megatron_gpu, backend):
     record = model.backend_record["families"]
     assert {fb["built"] for fb in record.values()} == {backend}
     assert record["M"]["path"] == "fused" and record["R"]["path"] == "fused"
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    assert type(model.decoder.layers[2].mixer) is MambaMixer  # M at native speed
     assert record["E"]["path"] == "alltoall"
     tokens, positions, labels = _batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
@@ -93,11 +96,17 @@ def test_fused_mixer_matches_reference(megatron_gpu, letter, precision, toleranc
     layout = parse_pattern(letter)
     config = gpu_model_config(seq_length=512)
     plan = resolve_backend("local", layout)
-    results = {}
-    for path in ("fused", "reference"):
+    results, weights = {}, None
+    for path in ("reference", "fused"):
         _reseed()
         forced = plan.with_path(letter, path, "parity test")
         model = build_model(layout, config, plan=forced, precision=precision)
+        # M's fused path is Megatron's own MambaMixer (initialised its own way): give it the
+        # reference's weights; strict loading also checks the two share one layout.
+        if weights is None:
+            weights = model.state_dict()
+        else:
+            model.load_state_dict(weights, strict=True)
         dtype = torch.bfloat16 if precision is BF16 else torch.float32
         gen = torch.Generator("cuda").manual_seed(0)
         hidden = torch.randn(512, 2, config.hidden_size, device="cuda", generator=gen)
