@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import Layout
+from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import size_problems
 from megacpp_mcore.specs.stack import build_stack_spec
@@ -117,6 +118,30 @@ def transformer_config(
             mamba_num_groups=model.mamba.num_groups,
             mamba_num_heads=model.mamba_heads,
         )
+    latent = used_variants(layout, model.attention) & set(LATENT) if layout.has("A") else set()
+    if latent:
+        mla, dsa = model.attention.mla, model.attention.dsa
+        kwargs.update(
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_head_dim=mla.qk_head_dim,
+            qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_type=mla.rope_type,
+            rotary_base=model.rotary_base,
+            # Megatron-LM's --rotary-scaling-factor default (MLATransformerConfig's own is
+            # 40): the plugin builds what the native flags build.
+            rotary_scaling_factor=1.0,
+        )
+        if "dsa" in latent:
+            kwargs.update(
+                experimental_attention_variant="dsa",
+                dsa_indexer_n_heads=dsa.indexer_heads,
+                dsa_indexer_head_dim=dsa.indexer_head_dim,
+                dsa_indexer_topk=dsa.top_k,
+                dsa_indexer_loss_coeff=dsa.indexer_loss_coeff,
+                dsa_indexer_rotate_activation=plan.dsa_rotate,
+            )
     if layout.has("G"):
         gdn = model.gdn
         kwargs.update(
@@ -126,7 +151,7 @@ def transformer_config(
             linear_num_key_heads=gdn.num_key_heads,
             linear_num_value_heads=gdn.num_value_heads,
         )
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if latent else TransformerConfig)(**kwargs)
 
 
 def build_model(
@@ -155,7 +180,10 @@ def build_model(
     if layout.mtp and parallel.pipeline > 1:
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
-    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = plan or resolve_backend(
+        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+        attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
+        dsa_rotate=model.attention.dsa.rotate_activation)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
@@ -164,7 +192,9 @@ def build_model(
         hybrid_stack_spec=build_stack_spec(layout, model, plan),
         vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor),
         max_sequence_length=model.seq_length,
-        hybrid_layer_pattern=megatron_pattern(layout, PLUGIN_SYMBOLS),
+        hybrid_layer_pattern=megatron_pattern(layout, PLUGIN_SYMBOLS,
+                                              a_variants(layout, model.attention),
+                                              mtp_variant(model.attention)),
         pre_process=pp_first if pre_process is None else pre_process,
         post_process=pp_last if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,

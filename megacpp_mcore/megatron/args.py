@@ -24,9 +24,12 @@ from typing import Any
 from megacpp_mcore.errors import PatternError, SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.settings.config import (
+    AttentionConfig,
     DataConfig,
+    DSAConfig,
     GatedDeltaNetConfig,
     MambaConfig,
+    MLAConfig,
     ModelConfig,
     MoEConfig,
     RecurrentConfig,
@@ -42,7 +45,15 @@ R_FLAGS = {
     "--megacpp-r-v-head-dim": "v_head_dim",
     "--megacpp-r-conv-kernel": "conv_kernel",
     "--megacpp-r-backward-chunk": "backward_chunk",
+    "--megacpp-r-qk-heads": "qk_heads",
+    "--megacpp-r-in-proj-order": "in_proj_order",
+    "--megacpp-r-skip-scale": "skip_scale",
+    "--megacpp-r-norm": "norm",
+    "--megacpp-r-proj-init": "proj_init",
+    "--megacpp-r-forget-bf16": "forget_bf16",
 }
+#: the value --megacpp-r-num-heads takes for num_heads null (hidden // (K + V))
+AUTO_HEADS = "auto"
 #: --megacpp-mamba-* flag -> MambaConfig field (the Mamba settings Megatron has no flag for)
 MAMBA_FLAGS = {
     "--megacpp-mamba-conv-kernel": "conv_kernel",
@@ -66,6 +77,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _heads(text: str) -> int | None:
+    """R heads: a positive integer, or 'auto' (hidden_size // (k_head_dim + v_head_dim))."""
+    return None if text == AUTO_HEADS else _positive_int(text)
+
+
+def _bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text == "true"
 
 
 def _pattern(text: str) -> str:
@@ -107,7 +129,14 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     docs = field_docs(RecurrentConfig)
     for flag, name in R_FLAGS.items():
         default = _default(RecurrentConfig, name)
-        group.add_argument(flag, type=_positive_int, default=default, metavar="N",
+        kind: dict[str, Any] = {"type": _positive_int, "metavar": "N"}
+        if name == "num_heads":
+            kind = {"type": _heads, "metavar": f"N|{AUTO_HEADS}"}
+        elif isinstance(default, bool):
+            kind = {"type": _bool, "metavar": "true|false"}
+        elif isinstance(default, str):
+            kind = {"choices": _literal_values(RecurrentConfig, name)}
+        group.add_argument(flag, default=default, **kind,
                            help=f"recurrent (R) layers: {docs[name]} (default {default})")
     docs = field_docs(MambaConfig)
     for flag, name in MAMBA_FLAGS.items():
@@ -185,6 +214,43 @@ def _choice(value: Any, cls: type, name: str, flag: str) -> Any:
     return value
 
 
+#: Megatron hybrid symbol of an A position -> its attention variant
+_SYMBOL_VARIANTS = {"*": "gqa", "+": "mla", "D": "dsa"}
+
+
+def attention_config_from_args(args: Any) -> AttentionConfig:
+    """The per-position attention variants (read from the A symbols of
+    --hybrid-layer-pattern: '*' gqa, '+' mla, 'D' dsa, listed by layer) and the MLA/DSA sizes
+    (Megatron's --q-lora-rank ... and --dsa-indexer-* flags)."""
+    pattern = getattr(args, "hybrid_layer_pattern", None) or ""
+    main, _, mtp = pattern.partition("/")
+    symbols = [c for c in main if c != "|"]
+    by_variant: dict[str, list[int]] = {"gqa": [], "mla": [], "dsa": []}
+    for number, symbol in enumerate(symbols, start=1):
+        if symbol in _SYMBOL_VARIANTS:
+            by_variant[_SYMBOL_VARIANTS[symbol]].append(number)
+    mtp_symbols = [c for c in mtp if c in _SYMBOL_VARIANTS]
+    mtp_var = _SYMBOL_VARIANTS[mtp_symbols[0]] if mtp_symbols else None
+    variant = "gqa" if by_variant["gqa"] or not (by_variant["mla"] or by_variant["dsa"]) else (
+        mtp_var or ("mla" if by_variant["mla"] else "dsa"))
+    return AttentionConfig(
+        variant=variant,
+        mla_layers=tuple(by_variant["mla"]) if variant != "mla" else (),
+        dsa_layers=tuple(by_variant["dsa"]) if variant != "dsa" else (),
+        mtp_variant=mtp_var,
+        mla=MLAConfig(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+                      qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+                      v_head_dim=args.v_head_dim, rope_type=args.rope_type or "yarn"),
+        dsa=DSAConfig(
+            indexer_heads=args.dsa_indexer_n_heads or DSAConfig.indexer_heads,
+            indexer_head_dim=args.dsa_indexer_head_dim or DSAConfig.indexer_head_dim,
+            top_k=args.dsa_indexer_topk or DSAConfig.top_k,
+            indexer_loss_coeff=(DSAConfig.indexer_loss_coeff if args.dsa_indexer_loss_coeff
+                                is None else float(args.dsa_indexer_loss_coeff)),
+            rotate_activation=bool(args.dsa_indexer_rotate_activation)),
+    )
+
+
 def model_config_from_args(args: Any) -> ModelConfig:
     """The model section from Megatron's parsed (and validated) args.
 
@@ -218,6 +284,8 @@ def model_config_from_args(args: Any) -> ModelConfig:
         grouped_gemm=bool(args.moe_grouped_gemm),
         token_dispatcher=_choice(args.moe_token_dispatcher_type, MoEConfig, "token_dispatcher",
                                  "--moe-token-dispatcher-type"),
+        router_dtype=args.moe_router_dtype,
+        permute_fusion=bool(args.moe_permute_fusion),
     )
     gdn = GatedDeltaNetConfig(
         num_key_heads=args.linear_num_key_heads,
@@ -245,6 +313,7 @@ def model_config_from_args(args: Any) -> ModelConfig:
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
+        attention=attention_config_from_args(args),
         moe=moe,
         mamba=mamba_config_from_args(args),
         recurrent=recurrent_config_from_args(args),
@@ -252,11 +321,23 @@ def model_config_from_args(args: Any) -> ModelConfig:
     )
 
 
+def r_flag_value(name: str, value: Any) -> str:
+    """How a RecurrentConfig value is written as its --megacpp-r-* flag's argument."""
+    if name == "num_heads" and value is None:
+        return AUTO_HEADS
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 __all__ = [
+    "AUTO_HEADS",
     "MAMBA_FLAGS",
     "R_FLAGS",
     "add_megacpp_args",
+    "attention_config_from_args",
     "mamba_config_from_args",
     "model_config_from_args",
+    "r_flag_value",
     "recurrent_config_from_args",
 ]

@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.settings.attention import a_variants, mtp_variant, used_variants
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -69,7 +70,10 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
                         "launcher's extra_args_provider megacpp_mcore.megatron.args."
                         "add_megacpp_args")
     layout = parse_pattern(pattern)
-    expected = megatron_pattern(layout, PLUGIN_SYMBOLS)
+    model = model_config_from_args(args)
+    attention = model.attention
+    expected = megatron_pattern(layout, PLUGIN_SYMBOLS, a_variants(layout, attention),
+                                mtp_variant(attention))
     if args.hybrid_layer_pattern != expected:
         raise SpecError(f"--hybrid-layer-pattern {args.hybrid_layer_pattern!r} does not encode "
                         f"--megacpp-pattern {pattern!r}; expected {expected!r}")
@@ -80,8 +84,10 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     # --megacpp-backend is what the recipe asked for (auto may resolve to local on a machine
     # without TE); without it, --transformer-impl is taken literally.
     backend = getattr(args, "megacpp_backend", None) or impl
-    model = model_config_from_args(args)
-    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
+    plan = resolve_backend(
+        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+        attention_variants=used_variants(layout, attention) if layout.has("A") else set(),
+        dsa_rotate=attention.dsa.rotate_activation)
     return build_stack_spec(layout, model, plan)
 
 

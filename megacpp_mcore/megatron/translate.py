@@ -34,9 +34,16 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
+from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS, r_flag_value
+from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
-from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
+from megacpp_mcore.symbols import (
+    NATIVE_SYMBOLS,
+    PLUGIN_R_SYMBOL,
+    PLUGIN_SYMBOLS,
+    VARIANT_SYMBOLS,
+    megatron_pattern,
+)
 
 MEGATRON_VERSION = "0.19.2"
 TARGETS = ("native", "plugin")
@@ -60,6 +67,12 @@ NATIVE_MODULES: dict[str, tuple[str, str]] = {
           "megatron.core.transformer.mlp.MLP"),
     "G": ("megatron.core.transformer.transformer_layer.TransformerLayer",
           "megatron.core.ssm.gated_delta_net.GatedDeltaNet"),
+}
+#: attention variant -> the mixer stock Megatron's hybrid_stack_spec builds for it.
+NATIVE_ATTENTION_MIXERS: dict[str, str] = {
+    "mla": "megatron.core.transformer.multi_latent_attention.MLASelfAttention",
+    "dsa": "megatron.core.transformer.experimental_attention_variant.absorbed_mla."
+           "AbsorbedMLASelfAttention",
 }
 #: letter -> the plugin's spec module that builds it (``megacpp_mcore.specs``).
 PLUGIN_MODULES: dict[str, str] = {
@@ -270,6 +283,9 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
     layout = recipe.layout
     roles: list[dict[str, Any]] = []
     lowerings: list[dict[str, Any]] = []
+    attention = recipe.model.attention
+    built = layout if target == "plugin" else recipe.lowered_layout
+    variants = a_variants(built, attention, layout)
 
     def role(layer: Layer) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -279,8 +295,15 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
             "letter": layer.letter,
             "family": layer.family,
         }
+        variant = None
+        if layer.letter == "A" or (layer.letter == "R" and recipe.r_lowering == "A"
+                                   and target == "native"):
+            variant = (variants[layer.number] if not layer.mtp_part
+                       else mtp_variant(attention))
+            entry["attention"] = variant
         if target == "plugin":
-            entry.update(symbol=PLUGIN_SYMBOLS[layer.letter], built_by="plugin",
+            entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else
+                         PLUGIN_SYMBOLS[layer.letter], built_by="plugin",
                          module=PLUGIN_MODULES[layer.letter], mixer=None)
             if layer.letter == "R":
                 entry["slot"] = (f"carried in Megatron's {PLUGIN_R_SYMBOL!r} slot symbol; "
@@ -294,8 +317,10 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
                               "from": "R", "to": letter, "symbol": NATIVE_SYMBOLS[letter],
                               "reason": "r_lowering (explicit in the recipe)"})
         module, mixer = NATIVE_MODULES[letter]
-        entry.update(symbol=NATIVE_SYMBOLS[letter], built_by="megatron", module=module,
-                     mixer=mixer)
+        if variant in NATIVE_ATTENTION_MIXERS:
+            mixer = NATIVE_ATTENTION_MIXERS[variant]
+        entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else NATIVE_SYMBOLS[letter],
+                     built_by="megatron", module=module, mixer=mixer)
         return entry
 
     for layer in (*layout.layers, *layout.mtp_layers):
@@ -330,7 +355,10 @@ def translate(recipe: Recipe, target: str = "native",
                 + "\n  - ".join(problems)
             )
         built, symbols = recipe.lowered_layout, NATIVE_SYMBOLS
-    pattern = megatron_pattern(built, symbols)
+    attention = recipe.model.attention
+    variants = a_variants(built, attention, layout)
+    pattern = megatron_pattern(built, symbols, variants, mtp_variant(attention))
+    latent = (used_variants(built, attention, layout) & set(LATENT)) if built.has("A") else set()
     uses = {letter for letter in FAMILIES if built.has(letter)}
     model, par, prec, train, data = (recipe.model, recipe.parallel, recipe.precision,
                                      recipe.training, recipe.data)
@@ -343,9 +371,11 @@ def translate(recipe: Recipe, target: str = "native",
         omitted.append({"field": key, "reason": reason})
 
     # ---- layout
-    encoding = ", ".join(f"{k}->{v}" for k, v in symbols.items())
-    f.add("--hybrid-layer-pattern", pattern, source="pattern, depth",
-          reason=f"letters to Megatron symbols ({encoding}); '|' stages and '/' MTP parts kept")
+    encoding = ", ".join(f"{k}->{v}" for k, v in symbols.items() if k != "A")
+    encoding += ", A->" + "/".join(f"{s} ({v})" for v, s in VARIANT_SYMBOLS.items())
+    f.add("--hybrid-layer-pattern", pattern, source="pattern, depth, model.attention",
+          reason=f"letters to Megatron symbols ({encoding}, per A position from "
+          "model.attention); '|' stages and '/' MTP parts kept")
     f.add("--num-layers", layout.depth, source="depth",
           reason="main-decoder layers (Megatron also derives it from the pattern)")
     if layout.mtp_depth:
@@ -398,6 +428,46 @@ def translate(recipe: Recipe, target: str = "native",
     f.add("--disable-bias-linear", reason="the project's blocks have no linear biases (the "
           "model builder sets add_bias_linear=False); Megatron's default adds them")
 
+    # ---- attention variants (per A position, in the pattern; sizes here)
+    if latent:
+        mla, dsa = attention.mla, attention.dsa
+        f.add("--multi-latent-attention", source="model.attention",
+              reason="A positions use " + " and ".join(sorted(latent)) + " (Megatron also "
+              "infers it from '+'/'D' in the pattern)")
+        if mla.q_lora_rank is not None:
+            f.add("--q-lora-rank", mla.q_lora_rank, source="model.attention.mla.q_lora_rank")
+        else:
+            notes.append("model.attention.mla.q_lora_rank is null: queries are projected "
+                         "directly (Megatron's default, no --q-lora-rank)")
+        for flag, name in (("--kv-lora-rank", "kv_lora_rank"), ("--qk-head-dim", "qk_head_dim"),
+                           ("--qk-pos-emb-head-dim", "qk_pos_emb_head_dim"),
+                           ("--v-head-dim", "v_head_dim"), ("--rope-type", "rope_type")):
+            f.add(flag, getattr(mla, name), source=f"model.attention.mla.{name}")
+        if "dsa" in latent:
+            f.add("--experimental-attention-variant", "dsa", source="model.attention",
+                  reason="'D' layers are DeepSeek sparse attention (Megatron's DSAttention)")
+            if not plugin:
+                f.add("--no-rope-fusion", source="model.attention",
+                      reason="Megatron asserts RoPE fusion is off for DSAttention (the seed's "
+                      "launcher passes it too)")
+            for flag, name in (("--dsa-indexer-n-heads", "indexer_heads"),
+                               ("--dsa-indexer-head-dim", "indexer_head_dim"),
+                               ("--dsa-indexer-topk", "top_k"),
+                               ("--dsa-indexer-loss-coeff", "indexer_loss_coeff")):
+                f.add(flag, getattr(dsa, name), source=f"model.attention.dsa.{name}")
+            if not dsa.rotate_activation:
+                f.add("--no-dsa-indexer-rotate-activation",
+                      source="model.attention.dsa.rotate_activation")
+            elif plugin:
+                notes.append("model.attention.dsa.rotate_activation true: the indexer's "
+                             "Hadamard rotation needs fast_hadamard_transform; where it is "
+                             "missing the plugin builds DSA without it and records the "
+                             "deviation in the backend record")
+        else:
+            omit("model.attention.dsa", "no A position is dsa")
+    else:
+        omit("model.attention.mla", "no A position is mla or dsa")
+
     # ---- block families
     if "E" in uses:
         moe = model.moe
@@ -417,6 +487,10 @@ def translate(recipe: Recipe, target: str = "native",
             f.add("--moe-grouped-gemm", source="model.moe.grouped_gemm")
         f.add("--moe-token-dispatcher-type", moe.token_dispatcher,
               source="model.moe.token_dispatcher")
+        if moe.router_dtype is not None:
+            f.add("--moe-router-dtype", moe.router_dtype, source="model.moe.router_dtype")
+        if moe.permute_fusion:
+            f.add("--moe-permute-fusion", source="model.moe.permute_fusion")
     else:
         omit("model.moe", "the layout has no E (MoE) layer")
     if "M" in uses:
@@ -441,7 +515,8 @@ def translate(recipe: Recipe, target: str = "native",
         omit("model.mamba", "the layout has no M (Mamba-2) layer")
     if "R" in uses:  # plugin only: native lowers or refuses R
         for flag, name in R_FLAGS.items():
-            f.add(flag, getattr(model.recurrent, name), source=f"model.recurrent.{name}")
+            f.add(flag, r_flag_value(name, getattr(model.recurrent, name)),
+                  source=f"model.recurrent.{name}")
     elif layout.has("R"):
         omit("model.recurrent", f"R is lowered to {recipe.r_lowering} (r_lowering)")
     else:

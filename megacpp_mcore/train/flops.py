@@ -33,9 +33,10 @@ M  Mamba-2 (Megatron MambaMixer; nheads, headdim P, d_inner = nheads*P, ngroups 
      multiply-adds per state element, 2*2*P*N, and the readout y = C . h, 2*P*N:
      6 * d_inner * N in all
      out_proj 2*d_inner*h
-R  recurrent (M2RNN; H heads, K = k_head_dim, V = v_head_dim, conv width w)
-     in_proj 2*h*H*(2K + 2V + 1) (q, k, v, gate g, forget f)
-     depthwise conv 2*w*H*(2K + V) (over q, k, v)
+R  recurrent (M2RNN; H heads, K = k_head_dim, V = v_head_dim, conv width w; QK = H*K, or
+   K when q and k are one head shared by all heads, as the layer builds them)
+     in_proj 2*h*(2*QK + 2*H*V + H) (q, k, v, gate g, forget f)
+     depthwise conv 2*w*(2*QK + H*V) (over q, k, v)
      recurrence per head: h @ W 2*K*V*V, outer product k (x) v K*V, gate blend
      f*h + (1-f)*h_new counted as 3*K*V elementwise, readout q . h 2*K*V:
      H*(2*K*V*V + 6*K*V)
@@ -137,9 +138,10 @@ def mamba_flops(model: ModelConfig, seq_length: int | None = None) -> float:
 def recurrent_flops(model: ModelConfig, seq_length: int | None = None) -> float:
     """R: M2RNN in_proj + conv + matrix-state recurrence + out_proj, per token."""
     r, h = model.recurrent, model.hidden_size
-    H, K, V = r.num_heads, r.k_head_dim, r.v_head_dim
-    in_proj = 2.0 * h * H * (2 * K + 2 * V + 1)
-    conv = 2.0 * r.conv_kernel * H * (2 * K + V)
+    H, K, V = r.heads(h), r.k_head_dim, r.v_head_dim
+    QK = K if r.qk_heads == "shared" else H * K  # q and k widths: shared, or per head
+    in_proj = 2.0 * h * (2 * QK + 2 * H * V + H)
+    conv = 2.0 * r.conv_kernel * (2 * QK + H * V)
     state_matmul = 2.0 * K * V * V  # h @ W
     outer = 1.0 * K * V  # k (x) v
     blend = 3.0 * K * V  # f * h + (1 - f) * h_new
