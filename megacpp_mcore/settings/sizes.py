@@ -67,7 +67,8 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
         if heads < 1:
             problems.append(f"model.recurrent.num_heads null gives hidden_size // (k_head_dim + "
                             f"v_head_dim) = {heads} heads; set num_heads")
-        _divides(problems, heads, "R heads (model.recurrent.num_heads)", tp, tp_name)
+        _divides(problems, heads, "model.recurrent.num_heads" + (
+            "" if r.num_heads is not None else " (null: hidden // (K + V))"), tp, tp_name)
         seed_form = [k for k, v in (("qk_heads", r.qk_heads == "shared"),
                                     ("norm", r.norm == "whole")) if v]
         if tp > 1 and seed_form:
