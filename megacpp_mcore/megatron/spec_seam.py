@@ -87,7 +87,9 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     plan = resolve_backend(
         backend, layout, moe_dispatcher=model.moe.token_dispatcher,
         attention_variants=used_variants(layout, attention) if layout.has("A") else set(),
-        dsa_rotate=attention.dsa.rotate_activation)
+        # the launcher turns the rotation off where it cannot run and keeps what was asked
+        dsa_rotate=attention.dsa.rotate_activation
+        or bool(getattr(args, "megacpp_dsa_rotation_asked", False)))
     return build_stack_spec(layout, model, plan)
 
 
