@@ -56,7 +56,7 @@ def test_local_specs_per_variant():
 
 def test_mla_fails_closed_without_cuda(megatron_single_process):
     model = tiny_model_config(num_query_groups=None, attention=AttentionConfig(variant="mla"))
-    with pytest.raises(SpecError, match="mla attention need CUDA.*RotaryEmbedding"):
+    with pytest.raises(SpecError, match=r"mla attention need CUDA.*RotaryEmbedding"):
         build_model(parse_pattern("AF"), model, precision=PrecisionConfig(params_dtype="fp32"))
 
 
@@ -84,7 +84,7 @@ def test_dsa_rotation_deviation_is_recorded(monkeypatch):
 
 
 def test_flex_dispatcher_fails_closed_without_deepep():
-    with pytest.raises(SpecError, match="flex runs DeepEP.*a CUDA GPU"):
+    with pytest.raises(SpecError, match=r"flex runs DeepEP.*a CUDA GPU"):
         resolve_backend("local", parse_pattern("AE"), cuda=False, moe_dispatcher="flex")
     if not backend.have_module("deep_ep"):
         with pytest.raises(SpecError, match="deep_ep package"):
