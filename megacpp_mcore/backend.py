@@ -109,6 +109,7 @@ def resolve_backend(
     moe_dispatcher: str = "alltoall",
     attention_variants: frozenset[str] | set[str] = frozenset(),
     dsa_rotate: bool = True,
+    r_form: str | None = None,
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
@@ -116,7 +117,8 @@ def resolve_backend(
     alltoall dispatcher cannot be built (it allocates CUDA streams), so E layers then use
     allgather, which routes identically at expert-parallel size 1, and the record says so.
     ``attention_variants`` (gqa, mla, dsa) are recorded as A's path; ``dsa_rotate`` is what
-    the settings ask of the DSA indexer (see :func:`dsa_rotation`).
+    the settings ask of the DSA indexer (see :func:`dsa_rotation`); ``r_form`` describes the
+    R layer's form for the record.
     """
     if requested not in BACKENDS:
         raise SpecError(f"backend {requested!r} is not known; accepted: {', '.join(BACKENDS)}")
@@ -174,6 +176,8 @@ def resolve_backend(
                 path, reason = "fused", f"{why}; Triton M2RNN scan"
             else:
                 path, reason = "reference", f"{why}; PyTorch reference M2RNN scan (no CUDA)"
+            if r_form:
+                reason += f"; R form: {r_form}"
         elif letter == "E":
             path = moe_dispatcher
             if moe_dispatcher == "flex" and not (cuda and have_module("deep_ep")):

@@ -183,7 +183,8 @@ def build_model(
     plan = plan or resolve_backend(
         backend, layout, moe_dispatcher=model.moe.token_dispatcher,
         attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
-        dsa_rotate=model.attention.dsa.rotate_activation)
+        dsa_rotate=model.attention.dsa.rotate_activation,
+        r_form=model.recurrent.form() if layout.has("R") else None)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -30,7 +30,9 @@ def _seed_mixer(recurrent=SEED_R):
 
 
 def test_seed_layer_shapes_and_declared_parts(megatron_single_process):
-    _, mixer = _seed_mixer()
+    model, mixer = _seed_mixer()
+    reason = model.backend_record["families"]["R"]["reason"]
+    assert "shared q/k" in reason and "q|k|v|f|g" in reason and "refused above" in reason
     H, K, V = 2, 16, 16
     assert mixer.num_heads == H  # hidden // (K + V)
     assert mixer.in_proj_parts() == [("q", K), ("k", K), ("v", H * V), ("f", H), ("g", H * V)]

@@ -89,7 +89,8 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
         attention_variants=used_variants(layout, attention) if layout.has("A") else set(),
         # the launcher turns the rotation off where it cannot run and keeps what was asked
         dsa_rotate=attention.dsa.rotate_activation
-        or bool(getattr(args, "megacpp_dsa_rotation_asked", False)))
+        or bool(getattr(args, "megacpp_dsa_rotation_asked", False)),
+        r_form=model.recurrent.form() if layout.has("R") else None)
     return build_stack_spec(layout, model, plan)
 
 

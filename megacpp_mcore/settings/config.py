@@ -194,6 +194,16 @@ class RecurrentConfig:
     proj_init: Literal["normal", "linear_default"] = "normal"
     forget_bf16: bool = False
 
+    def form(self) -> str:
+        """The layer form in words, for the backend record (what differs from per-head)."""
+        parts = [f"{self.qk_heads} q/k", f"in_proj {'|'.join(self.in_proj_order)}",
+                 f"D {self.skip_scale}", f"norm {self.norm}", f"{self.proj_init} init"]
+        if self.forget_bf16:
+            parts.append("forget gate in bf16")
+        if self.qk_heads == "shared" or self.norm == "whole":
+            parts.append("tensor parallel 1 only (refused above, not replicated)")
+        return ", ".join(parts)
+
     def heads(self, hidden_size: int) -> int:
         """The number of heads for a model of width ``hidden_size``."""
         if self.num_heads is not None:
