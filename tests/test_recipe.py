@@ -120,6 +120,11 @@ def test_nam56r_attention_and_r_rules(overrides, message):
         load_recipe("nam56r", overrides)
 
 
+def test_attention_positions_without_any_a_are_refused():
+    with pytest.raises(RecipeError, match=r"A ranks \[0\] that do not exist.*0 A layer"):
+        load_recipe("tiny", ["pattern=EMFR", "model.attention.mla_ranks=[0]"])
+
+
 def test_nam52_is_nemotron_h_8b():
     recipe = load_recipe("nam52")
     m = recipe.model

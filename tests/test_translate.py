@@ -469,6 +469,17 @@ def test_nam56r_native_is_the_seed_model():
     assert type(config).__name__ == "MLATransformerConfig"
 
 
+def test_cli_translates_nam56r_native_with_r_lowering(capsys):
+    assert main(["translate", "nam56r", "--target", "native", "--set", "r_lowering=M",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pattern"]["megatron"].startswith("+EMED") and data["mtp_depths"] == 2
+    assert [x["to"] for x in data["lowerings"]] == ["M"] * 4
+    roles = {r["number"]: r for r in data["roles"] if not r["mtp_depth"]}
+    assert roles[17]["attention"] == "mla" and roles[5]["attention"] == "dsa"
+    assert roles[5]["mixer"].endswith("AbsorbedMLASelfAttention")
+
+
 def test_nam56r_plugin_carries_variants_and_the_seed_r_layer():
     plan = translate(load_recipe("nam56r", ["model.moe.permute_fusion=false"]), "plugin")
     args, _ = megatron_parse(plan)

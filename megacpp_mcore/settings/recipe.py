@@ -688,8 +688,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
                 f"model.num_attention_heads ({heads}) must be divisible by parallel.tensor "
                 f"({parallel.tensor}): Megatron checks it even without attention layers"
             )
+    problems += attention_problems(layout, model.attention)  # also: lists without any A
     if layout.has("A"):
-        problems += attention_problems(layout, model.attention)
         latent = used_variants(recipe.lowered_layout, model.attention, layout) & set(LATENT)
         if latent and model.num_query_groups is not None:
             problems.append(
