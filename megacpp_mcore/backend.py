@@ -67,6 +67,8 @@ class BackendPlan:
     built: str
     cuda: bool
     families: dict[str, FamilyBuild]
+    #: whether DSA's indexer really rotates (False where fast_hadamard_transform is missing)
+    dsa_rotate: bool = True
 
     def path(self, letter: str) -> str:
         return self.families[letter].path or ""
@@ -84,8 +86,24 @@ class BackendPlan:
             "requested": self.requested,
             "built": self.built,
             "cuda": self.cuda,
+            "dsa_rotate": self.dsa_rotate,
             "families": {letter: asdict(build) for letter, build in self.families.items()},
         }
+
+
+def dsa_rotation(asked: bool) -> tuple[bool, str]:
+    """Whether DSA's indexer can rotate (Hadamard) here, and what to record.
+
+    Megatron's indexer needs ``fast_hadamard_transform`` for the rotation; where it is
+    missing the plugin builds DSA without it (different indexer maths) and says so.
+    """
+    if not asked:
+        return False, "DSA indexer rotation off (recipe)"
+    if have_module("fast_hadamard_transform"):
+        return True, "DSA indexer Hadamard rotation on (fast_hadamard_transform)"
+    return False, ("DEVIATION: DSA indexer rotation OFF although the recipe asks for it: "
+                   "fast_hadamard_transform is not installed (Megatron's indexer cannot "
+                   "rotate without it); the indexer scores unrotated q/k")
 
 
 def resolve_backend(
@@ -95,6 +113,9 @@ def resolve_backend(
     moe_dispatcher: str = "alltoall",
     r_head_dims: tuple[int, int] | None = None,
     mamba_variant: str = "mamba2",
+    attention_variants: frozenset[str] | set[str] = frozenset(),
+    dsa_rotate: bool = True,
+    r_form: str | None = None,
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
@@ -103,6 +124,9 @@ def resolve_backend(
     allgather, which routes identically at expert-parallel size 1, and the record says so.
     ``r_head_dims`` (k_head_dim, v_head_dim) of R layers: sizes the fused scan is not built
     for run the reference scan, and the record says why.
+    ``attention_variants`` (gqa, mla, dsa) are recorded as A's path; ``dsa_rotate`` is what
+    the settings ask of the DSA indexer (see :func:`dsa_rotation`); ``r_form`` describes the
+    R layer's form for the record.
     """
     if requested not in BACKENDS:
         raise SpecError(f"backend {requested!r} is not known; accepted: {', '.join(BACKENDS)}")
@@ -126,8 +150,23 @@ def resolve_backend(
             "the GPU. Drop the '/' parts of the pattern to build on this machine.")
     letters = [letter for letter in FAMILIES if layout.has(letter)]
     families: dict[str, FamilyBuild] = {}
+    rotate = dsa_rotate
     for letter in letters:
         path, reason = None, why
+        if letter == "A" and attention_variants:
+            latent = sorted(set(attention_variants) & {"mla", "dsa"})
+            if latent and not cuda:
+                raise SpecError(
+                    f"A layers with {' and '.join(latent)} attention need CUDA: Megatron-Core "
+                    "0.19.2's MLASelfAttention builds its rotary embedding on "
+                    "torch.cuda.current_device() (RotaryEmbedding / YarnRotaryEmbedding), "
+                    "and DSA's indexer is a GPU kernel path. Build them on a GPU machine, or "
+                    "use model.attention.variant gqa here")
+            path = "+".join(v for v in ("gqa", "mla", "dsa") if v in attention_variants)
+            reason = f"{why}; attention {path}"
+            if "dsa" in attention_variants:
+                rotate, note = dsa_rotation(dsa_rotate)
+                reason += f"; {note}"
         if letter == "M":
             if cuda and have_mamba_kernels(mamba_variant):
                 path = "fused"
@@ -153,8 +192,16 @@ def resolve_backend(
                 path, reason = "fused", f"{why}; Triton M2RNN scan"
             else:
                 path, reason = "reference", f"{why}; PyTorch reference M2RNN scan (no CUDA)"
+            if r_form:
+                reason += f"; R form: {r_form}"
         elif letter == "E":
             path = moe_dispatcher
+            if moe_dispatcher == "flex" and not (cuda and have_module("deep_ep")):
+                missing = "a CUDA GPU" if not cuda else "the deep_ep package (DeepEP)"
+                raise SpecError(
+                    f"E layers {_numbers(layout, 'E')}: token dispatcher flex runs DeepEP's "
+                    f"fused dispatch, which needs {missing}; set model.moe.token_dispatcher "
+                    "alltoall (or allgather) on this machine")
             if not cuda and moe_dispatcher == "alltoall":
                 path = "allgather"
                 reason = f"{why}; allgather token dispatcher (alltoall needs CUDA streams)"
@@ -168,7 +215,8 @@ def resolve_backend(
                 "Install it on a GPU machine (pip install flash-linear-attention) or remove G "
                 "from the pattern.")
         families[letter] = FamilyBuild(letter, FAMILIES[letter], requested, built, path, reason)
-    return BackendPlan(requested=requested, built=built, cuda=cuda, families=families)
+    return BackendPlan(requested=requested, built=built, cuda=cuda, families=families,
+                       dsa_rotate=rotate)
 
 
 def _numbers(layout: Layout, letter: str) -> str:

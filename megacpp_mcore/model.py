@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import STAGE_SEPARATOR, Layout, parse_pattern
+from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import plugin_problems, size_problems
 from megacpp_mcore.settings.table import FIXED, SETTINGS
@@ -89,7 +90,33 @@ def transformer_config(
         is_hybrid_model=True,
         mtp_num_layers=layout.mtp_depth or None,
     )
-    return TransformerConfig(**kwargs)
+    # MLA/DSA positions: Megatron's MLATransformerConfig (one per model), the table's
+    # model.attention.* rows carry these as flags on the launcher path.
+    latent = used_variants(layout, model.attention) & set(LATENT) if layout.has("A") else set()
+    if latent:
+        mla, dsa = model.attention.mla, model.attention.dsa
+        kwargs.update(
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_head_dim=mla.qk_head_dim,
+            qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_type=mla.rope_type,
+            rotary_base=model.rotary_base,
+            # Megatron-LM's --rotary-scaling-factor default (MLATransformerConfig's own is
+            # 40): the plugin builds what the native flags build.
+            rotary_scaling_factor=1.0,
+        )
+        if "dsa" in latent:
+            kwargs.update(
+                experimental_attention_variant="dsa",
+                dsa_indexer_n_heads=dsa.indexer_heads,
+                dsa_indexer_head_dim=dsa.indexer_head_dim,
+                dsa_indexer_topk=dsa.top_k,
+                dsa_indexer_loss_coeff=dsa.indexer_loss_coeff,
+                dsa_indexer_rotate_activation=plan.dsa_rotate,
+            )
+    return (MLATransformerConfig if latent else TransformerConfig)(**kwargs)
 
 
 def r_head_dims(model: ModelConfig) -> tuple[int, int]:
@@ -154,9 +181,12 @@ def build_model(
     problem = stage_problem(layout, parallel.pipeline)
     if problem:
         raise SpecError(problem)
-    plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-                                   r_head_dims=r_head_dims(model),
-                                   mamba_variant=model.mamba.variant)
+    plan = plan or resolve_backend(
+        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+        r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
+        attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
+        dsa_rotate=model.attention.dsa.rotate_activation,
+        r_form=model.recurrent.form() if layout.has("R") else None)
     config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
@@ -166,7 +196,9 @@ def build_model(
         vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor),
         max_sequence_length=model.seq_length,
         hybrid_layer_pattern=megatron_pattern(built_stages(layout, parallel.pipeline),
-                                              PLUGIN_SYMBOLS),
+                                              PLUGIN_SYMBOLS,
+                                              a_variants(layout, model.attention),
+                                              mtp_variant(model.attention)),
         pre_process=pp_first if pre_process is None else pre_process,
         post_process=pp_last if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,

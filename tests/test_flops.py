@@ -281,3 +281,26 @@ def test_hybrid_layout_differences_from_megatron(megatron_flops):
     mamba = 2 * 4 * (128 + 2 * 2 * 16) + (6 - 7) * 128 * 16
     mtp_projection = 2 * (2 * h) * h
     assert ours - theirs == pytest.approx(3 * (router + mamba + mtp_projection), rel=1e-9)
+
+
+def test_attention_variants_are_counted_per_position():
+    """MLA by hand; DSA = MLA with top-k keys + indexer; a layout's A layers are counted
+    as the variant each position is built as."""
+    from megacpp_mcore.layout import parse_pattern
+    from megacpp_mcore.settings.config import AttentionConfig, DSAConfig, MLAConfig
+
+    mla = MLAConfig(q_lora_rank=8, kv_lora_rank=4, qk_head_dim=2, qk_pos_emb_head_dim=2,
+                    v_head_dim=3)
+    dsa = DSAConfig(indexer_heads=2, indexer_head_dim=2, top_k=4)
+    model = tiny(attention=AttentionConfig(variant="dsa", mla_ranks=(0,), mla=mla, dsa=dsa))
+    h, nq, s = model.hidden_size, model.num_attention_heads, model.seq_length
+    q = 2 * (h * 8 + 8 * nq * 4)
+    kv = 2 * h * (4 + 2) + 2 * 4 * nq * (2 + 3)
+    core = 2 * (s / 2) * nq * (4 + 3)
+    assert flops.mla_flops(model) == q + kv + core + 2 * nq * 3 * h
+    keys = 4 - 16 / (2 * s) if s > 4 else s / 2
+    indexer = 2 * 8 * 2 * 2 + 2 * h * 2 + 2 * h * 2 + 2 * (s / 2) * 2 * 2
+    assert flops.dsa_flops(model) == q + kv + 2 * keys * nq * 7 + 2 * nq * 3 * h + indexer
+    layout = parse_pattern("AFAF")  # A ranks 0 (mla) and 1 (dsa)
+    got = flops.flops_breakdown(layout, model).per_letter["A"]
+    assert got == flops.mla_flops(model) + flops.dsa_flops(model)

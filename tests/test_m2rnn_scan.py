@@ -17,10 +17,12 @@ from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_inputs(B, T, H, K, V, *, seed=0, dtype=torch.float64):
+def make_inputs(B, T, H, K, V, *, seed=0, dtype=torch.float64, shared=False):
+    """Random scan inputs; ``shared`` gives q and k one head read by all H heads."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=g) * 0.5
-    k = torch.randn(B, T, H, K, generator=g) * 0.5
+    HQ = 1 if shared else H
+    q = torch.randn(B, T, HQ, K, generator=g) * 0.5
+    k = torch.randn(B, T, HQ, K, generator=g) * 0.5
     v = torch.randn(B, T, H, V, generator=g) * 0.5
     f = torch.sigmoid(torch.randn(B, T, H, generator=g) * 2)
     W = torch.eye(V) + 0.1 * torch.randn(H, V, V, generator=g)
@@ -50,6 +52,29 @@ def test_reference_matches_naive_loop(shape):
     for name, a, b in zip(NAMES, got, want, strict=True):
         assert a.dtype == torch.float64, name
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 3), (1, 3, 51, 2, 2)])
+def test_reference_matches_naive_loop_with_shared_qk(shape):
+    inputs = make_inputs(*shape, shared=True)
+    assert inputs[0].shape[2] == 1 and inputs[2].shape[2] == shape[2]
+    got = outputs_and_grads(m2rnn_scan_reference, inputs)
+    want = outputs_and_grads(naive_scan, inputs)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert got[2].shape == inputs[0].shape and got[3].shape == inputs[1].shape  # dq, dk
+
+
+def test_shared_qk_is_the_per_head_scan_with_copies():
+    """Shared q/k equals the per-head scan given H copies of the one head; its gradient is
+    the sum of the copies' gradients."""
+    q, k, v, f, W, h0 = make_inputs(2, 4, 3, 4, 2, shared=True)
+    shared = outputs_and_grads(m2rnn_scan_reference, [q, k, v, f, W, h0])
+    copies = [q.expand(2, 4, 3, 4).clone(), k.expand(2, 4, 3, 4).clone(), v, f, W, h0]
+    per_head = outputs_and_grads(m2rnn_scan_reference, copies)
+    torch.testing.assert_close(shared[0], per_head[0])
+    torch.testing.assert_close(shared[2], per_head[2].sum(2, keepdim=True))
+    torch.testing.assert_close(shared[3], per_head[3].sum(2, keepdim=True))
 
 
 def test_reference_without_h0_starts_from_zeros():
@@ -135,15 +160,17 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
-    cases = [  # (B, T, H, K, V, chunk, with_h0, config)
-        (1, 9, 2, 16, 16, 4, True, None),
-        (1, 9, 2, 16, 16, 4, False, None),
-        (2, 7, 1, 32, 16, 3, True, ScanKernelConfig(block_rows=16, use_dot=False)),
-        (1, 5, 1, 32, 32, 8, True, ScanKernelConfig(block_rows=32)),
+    cases = [  # (B, T, H, K, V, chunk, with_h0, config, shared q/k)
+        (1, 9, 2, 16, 16, 4, True, None, False),
+        (1, 9, 2, 16, 16, 4, False, None, False),
+        (2, 7, 1, 32, 16, 3, True, ScanKernelConfig(block_rows=16, use_dot=False), False),
+        (1, 5, 1, 32, 32, 8, True, ScanKernelConfig(block_rows=32), False),
+        (2, 7, 3, 16, 16, 3, True, None, True),
+        (1, 6, 5, 32, 16, 4, False, ScanKernelConfig(block_rows=16), True),
     ]
     report = []
-    for B, T, H, K, V, chunk, with_h0, config in cases:
-        inputs = make_inputs(B, T, H, K, V, dtype=torch.float32)
+    for B, T, H, K, V, chunk, with_h0, config, shared in cases:
+        inputs = make_inputs(B, T, H, K, V, dtype=torch.float32, shared=shared)
         if not with_h0:
             inputs = inputs[:5]
         fused = outputs_and_grads(
@@ -152,7 +179,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
             lambda *x: m2rnn_scan_fused(*x, backward_chunk=chunk, config=config), inputs)
         ref = outputs_and_grads(m2rnn_scan_reference, [x.double() for x in inputs])
         report.append({
-            "case": [B, T, H, K, V, chunk, with_h0, repr(config)],
+            "case": [B, T, H, K, V, chunk, with_h0, repr(config), shared],
+            "shapes": [list(x.shape) for x in fused],
             "dtypes": [str(x.dtype) for x in fused],
             "rel": {n: rel(a, b) for n, a, b in zip(NAMES, fused, ref)},
             "deterministic": all(torch.equal(a, b) for a, b in zip(fused, again)),
@@ -171,8 +199,11 @@ def test_fused_kernel_under_triton_interpreter():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report) == 4
+    assert len(report) == 6
+    assert [c["case"][-1] for c in report].count(True) == 2
     for case in report:
+        if case["case"][-1]:  # shared q/k: dq, dk keep the one shared head
+            assert case["shapes"][2][2] == 1 and case["shapes"][3][2] == 1, case
         # float32 kernel vs float64 reference over <= 9 steps: float32 rounding only.
         for name, err in case["rel"].items():
             assert err < 1e-5, (case["case"], name, err)

@@ -21,7 +21,7 @@ from megacpp_mcore.settings.recipe import (
     parse_override,
 )
 
-SHIPPED = ("nam56r", "nam52", "tiny", "tiny_gdn")
+SHIPPED = ("nam56r", "nam56r_lite", "nam56r_quarter", "nam52", "tiny", "tiny_gdn")
 
 #: a small valid recipe (tiny-like) that the bad cases below modify
 BASE = """
@@ -67,8 +67,8 @@ def test_every_shipped_recipe_loads():
         assert len(recipe.recipe_hash) == 64
 
 
-def test_nam56r():
-    recipe = load_recipe("nam56r")
+def test_nam56r_lite():
+    recipe = load_recipe("nam56r_lite")
     layout = recipe.layout
     assert layout.depth == 52 and layout.counts == {"A": 13, "E": 22, "M": 13, "F": 0,
                                                     "R": 4, "G": 0}
@@ -81,6 +81,48 @@ def test_nam56r():
     assert (m.mamba.state_dim, m.mamba.head_dim, m.mamba.num_groups) == (128, 64, 8)
     assert recipe.mtp_depths == 0 and recipe.precision.params_dtype == "bf16"
     assert recipe.r_lowering is None
+    assert recipe.model.attention.variant == "gqa"
+
+
+def test_nam56r_is_the_seed_model():
+    from megacpp_mcore.settings.attention import a_variants
+
+    recipe = load_recipe("nam56r")
+    layout, m = recipe.layout, recipe.model
+    assert layout.depth == 52 and layout.positions("R") == (12, 24, 36, 48)
+    assert layout.mtp == ("AF", "AF") and recipe.mtp_depths == 2
+    variants = a_variants(layout, m.attention)
+    assert [n for n, v in variants.items() if v == "mla"] == [1, 17, 33, 49]
+    assert [n for n, v in variants.items() if v == "dsa"] == [5, 9, 13, 21, 25, 29, 37, 41, 45]
+    assert (m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
+        4096, 21504, 32, None)
+    assert (m.moe.num_experts, m.moe.top_k, m.moe.ffn_hidden_size,
+            m.moe.shared_expert_ffn_hidden_size, m.moe.aux_loss_coeff) == (16, 4, 896, 1024, 0.0)
+    assert m.activation == "gelu" and m.moe.router_dtype == "fp32"
+    assert m.recurrent.heads(m.hidden_size) == 51 and m.recurrent.qk_heads == "shared"
+    quarter = load_recipe("nam56r_quarter")
+    q_variants = a_variants(quarter.layout, quarter.model.attention)
+    assert quarter.layout.depth == 13 and set(q_variants.values()) == {"mla", "dsa"}
+    assert quarter.parallel.tensor == quarter.parallel.expert == 1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.attention.mla_ranks=[13]"], r"A ranks \[13\] that do not exist.*13 A layer"),
+    (["model.attention.dsa_layers=[2]"], r"layers \[2\] that are not A layers.*\['E'\]"),
+    (["model.attention.dsa_layers=[1]"], r"layer 1 \(an A\) is given two variants"),
+    (["model.attention.variant=gqa"], r"mix gqa"),
+    (["model.num_query_groups=8"], r"multi-latent attention has no query groups"),
+    (["model.moe.token_dispatcher=flex", "parallel.expert=1"], r"TP x EP > 1"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], r"seed's R form"),
+])
+def test_nam56r_attention_and_r_rules(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("nam56r", overrides)
+
+
+def test_attention_positions_without_any_a_are_refused():
+    with pytest.raises(RecipeError, match=r"A ranks \[0\] that do not exist.*0 A layer"):
+        load_recipe("tiny", ["pattern=EMFR", "model.attention.mla_ranks=[0]"])
 
 
 def test_nam52_is_nemotron_h_8b():

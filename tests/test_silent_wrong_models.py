@@ -103,6 +103,9 @@ def _gpu_plan(recipe, args):
 ])
 def test_build_model_and_the_launcher_make_the_same_transformer_config(name, overrides):
     recipe = load_recipe(name, overrides)
+    if recipe.layout.has("E") and recipe.model.moe.permute_fusion:
+        # Megatron's config refuses permute fusion without Transformer Engine >= 2.1 (no TE here)
+        recipe = load_recipe(name, [*overrides, "model.moe.permute_fusion=false"])
     plan = translate(recipe, "plugin")
     with parsed_megatron_args(plan) as args:
         launcher = hybrid_config_from_args(args).transformer

@@ -25,8 +25,15 @@ from tests.megatron_helpers import parsed_megatron_args
 pytestmark = pytest.mark.filterwarnings("ignore:'type' is deprecated:DeprecationWarning")
 
 
-def test_spec_object_builds_the_same_model_as_build_model(megatron_single_process):
-    recipe = load_recipe("tiny", ["model.seq_length=32", "backend=local"])
+SEED_R = ["model.recurrent.num_heads=null", "model.recurrent.qk_heads=shared",
+          "model.recurrent.in_proj_order=qkvfg", "model.recurrent.skip_scale=per_channel",
+          "model.recurrent.norm=whole", "model.recurrent.proj_init=linear_default",
+          "model.recurrent.forget_bf16=true"]
+
+
+@pytest.mark.parametrize("r_form", [[], SEED_R], ids=["per_head_r", "seed_r"])
+def test_spec_object_builds_the_same_model_as_build_model(megatron_single_process, r_form):
+    recipe = load_recipe("tiny", ["model.seq_length=32", "backend=local", *r_form])
     plan = translate(recipe, "plugin")
     with parsed_megatron_args(plan, ["--use-cpu-initialization"]) as args:
         model_config = hybrid_config_from_args(args)
@@ -41,6 +48,9 @@ def test_spec_object_builds_the_same_model_as_build_model(megatron_single_proces
 
     assert isinstance(via_spec.decoder, MegacppHybridStack)
     assert via_spec.decoder.layer_letters == "AEMFRA"
+    r_mixer = via_spec.decoder.layers[4].mixer
+    assert r_mixer.shared_qk == bool(r_form) and r_mixer.in_proj_parts()[3][0] == (
+        "f" if r_form else "g")
     assert via_spec.decoder.backend_record == direct.backend_record
     direct_state = direct.state_dict()
     for name, tensor in via_spec.state_dict().items():

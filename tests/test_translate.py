@@ -28,6 +28,7 @@ from megacpp_mcore.megatron.args import (
     add_megacpp_args,
     model_config_from_args,
     recurrent_config_from_args,
+    section_from_args,
 )
 from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
 from megacpp_mcore.model import ACTIVATIONS
@@ -61,6 +62,8 @@ def assert_matches(args, config, plan):
             continue
         if plan.target == "native" and (row.native_omits or row.plugin_only):
             continue
+        if row.section == "model.attention":
+            continue  # positions: by rank vs by layer, compared per position below
         want = row.value(recipe)
         if row.key == "logging.receipt_dir":  # carried as a folder ("runs" -> "runs/")
             want = want.rstrip("/") + "/"
@@ -74,6 +77,13 @@ def assert_matches(args, config, plan):
             assert _single(getattr(config, name)) == value, (row.key, name)
         checked += 1
     assert checked >= 40
+    if built.has("A"):  # every A position reads back as the variant the recipe gives it
+        from megacpp_mcore.settings.attention import a_variants, mtp_variant
+
+        back = section_from_args("model.attention", args)
+        assert a_variants(built, back) == a_variants(built, m.attention, layout)
+        if built.mtp:
+            assert mtp_variant(back) == mtp_variant(m.attention)
     for fixed in FIXED:
         if fixed.flag and (plan.target == "plugin" or not fixed.plugin_only_flag):
             assert getattr(config, fixed.config) == fixed.value(recipe, True), fixed.config
@@ -98,6 +108,8 @@ def assert_matches(args, config, plan):
             if f.name in sections.values() and not layout.has(
                     next(k for k, v in sections.items() if v == f.name)):
                 continue  # a family the layout does not use: Megatron keeps its defaults
+            if f.name == "attention":
+                continue  # by rank vs by layer: compared per position in the nam56r tests
             assert getattr(parsed, f.name) == getattr(m, f.name), f.name
         if layout.has("R"):
             assert recurrent_config_from_args(args) == m.recurrent
@@ -123,8 +135,13 @@ def check(name, target, overrides=()):
 @pytest.mark.parametrize(
     ("name", "target", "overrides"),
     [
-        ("nam56r", "plugin", []),
-        ("nam56r", "native", ["r_lowering=M"]),
+        # --moe-permute-fusion needs TE >= 2.1 in TransformerConfig (absent on CPU CI)
+        ("nam56r", "plugin", ["model.moe.permute_fusion=false"]),
+        ("nam56r", "native", ["r_lowering=M", "model.moe.permute_fusion=false"]),
+        ("nam56r_quarter", "plugin", []),
+        ("nam56r_quarter", "native", ["r_lowering=M"]),
+        ("nam56r_lite", "plugin", []),
+        ("nam56r_lite", "native", ["r_lowering=M"]),
         ("nam52", "native", []),
         ("nam52", "plugin", []),
         ("tiny", "plugin", []),
@@ -144,6 +161,9 @@ def native_overrides(name):
     overrides = ["r_lowering=M"] if recipe.layout.has("R") else []
     if recipe.data.source == "embedded":
         overrides += ["data.source=mock", "data.tokenizer=null"]
+    if recipe.layout.has("E") and recipe.model.moe.permute_fusion:
+        # Megatron's config check wants Transformer Engine >= 2.1 for it (no TE on CPU)
+        overrides += ["model.moe.permute_fusion=false"]
     return overrides
 
 
@@ -219,8 +239,8 @@ VARIATIONS = [
     ("nam52", "native", ["parallel.tensor=1", "parallel.sequence_parallel=false",
                          "parallel.context=2"]),
     ("nam52", "native", ["parallel.pipeline=4"]),
-    ("nam56r", "plugin", ["parallel.expert=4"]),
-    ("nam56r", "plugin", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+    ("nam56r_lite", "plugin", ["parallel.expert=4"]),
+    ("nam56r_lite", "plugin", ["parallel.tensor=2", "parallel.sequence_parallel=true",
                           "parallel.expert=2"]),
 ]
 
@@ -273,7 +293,7 @@ def test_megatron_accepts_random_tiny_recipes(hidden, heads, groups, tp, ep, top
 
 def test_native_refuses_r_and_names_both_ways_out():
     with pytest.raises(TranslateError) as info:
-        translate(load_recipe("nam56r"), "native")
+        translate(load_recipe("nam56r_lite"), "native")
     message = str(info.value)
     assert "R (recurrent, M2RNN) layers 12, 24, 36, 48" in message
     assert "--target plugin" in message and "r_lowering" in message
@@ -311,9 +331,9 @@ def test_unknown_target():
 
 
 def test_plan_records_every_choice():
-    plan = translate(load_recipe("nam56r"), "plugin")
+    plan = translate(load_recipe("nam56r_lite"), "plugin")
     data = plan.to_json()
-    assert data["recipe"]["name"] == "nam56r" and len(data["recipe"]["hash"]) == 64
+    assert data["recipe"]["name"] == "nam56r_lite" and len(data["recipe"]["hash"]) == 64
     assert data["target"] == "plugin" and data["megatron_version"] == "0.19.2"
     assert data["spec"] == list(SPEC) and data["encoding"] == {"R": "G"}
     assert data["mtp_depths"] == 0 and data["pattern"]["depth"] == 52
@@ -332,7 +352,7 @@ def test_plan_records_every_choice():
 
 
 def test_native_lowering_is_recorded_per_layer():
-    plan = translate(load_recipe("nam56r", ["r_lowering=M"]), "native")
+    plan = translate(load_recipe("nam56r_lite", ["r_lowering=M"]), "native")
     assert [x["number"] for x in plan.lowerings] == [12, 24, 36, 48]
     assert all(x["from"] == "R" and x["to"] == "M" for x in plan.lowerings)
     assert plan.roles[11]["lowered_to"] == "M" and plan.roles[11]["symbol"] == "M"
@@ -357,7 +377,7 @@ def test_env_and_world_size():
     fsdp = translate(load_recipe("tiny", ["parallel.fsdp=torch_fsdp2"]), "plugin")
     assert [(e.name, e.value) for e in fsdp.env] == [("CUDA_DEVICE_MAX_CONNECTIONS", None)]
     assert translate(load_recipe("tiny"), "plugin").env == ()
-    assert translate(load_recipe("nam56r"), "plugin").nproc == 8
+    assert translate(load_recipe("nam56r_lite"), "plugin").nproc == 8
     assert translate(load_recipe("tiny", ["parallel.context=2", "parallel.expert=4",
                                           "training.micro_batch_size=2", "pattern=AEFA"]),
                      "plugin").nproc == 4
@@ -384,25 +404,25 @@ def test_megacpp_flags_validate_their_values():
 
 
 def test_cli_native_nam56r_exits_2(capsys):
-    assert main(["translate", "recipes/nam56r.yaml", "--target", "native"]) == 2
+    assert main(["translate", "recipes/nam56r_lite.yaml", "--target", "native"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("megacpp translate: error: recipes/nam56r.yaml: cannot translate")
+    assert err.startswith("megacpp translate: error: recipes/nam56r_lite.yaml: cannot translate")
     assert "layers 12, 24, 36, 48" in err and "--target plugin" in err and "r_lowering" in err
 
 
 def test_cli_plugin_args_are_accepted_by_megatron(capsys):
-    assert main(["translate", "recipes/nam56r.yaml", "--target", "plugin", "--format",
+    assert main(["translate", "recipes/nam56r_lite.yaml", "--target", "plugin", "--format",
                  "args"]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
-    plan = translate(load_recipe("nam56r"), "plugin")
+    plan = translate(load_recipe("nam56r_lite"), "plugin")
     assert line == plan.args_line()
     args, config = megatron_parse(plan)
     assert_matches(args, config, plan)
 
 
 def test_cli_json_plan(capsys):
-    assert main(["translate", "nam56r", "--target", "plugin", "--format", "json",
+    assert main(["translate", "nam56r_lite", "--target", "plugin", "--format", "json",
                  "--set", "training.lr=1e-4"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["recipe"]["overrides"] == ["training.lr=1e-4"]
@@ -415,7 +435,7 @@ def test_cli_json_plan(capsys):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-@pytest.mark.parametrize(("name", "target"), [("nam56r", "plugin"), ("nam52", "native"),
+@pytest.mark.parametrize(("name", "target"), [("nam56r_lite", "plugin"), ("nam52", "native"),
                                               ("tiny", "plugin")])
 def test_cli_shell_script_is_valid_bash(capsys, tmp_path, name, target):
     assert main(["translate", name, "--target", target, "--format", "shell"]) == 0
@@ -439,3 +459,60 @@ def test_cli_shell_script_is_valid_bash(capsys, tmp_path, name, target):
                        *plan.argv()]
     assert out[0] == ("1" if plan.env else os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS",
                                                             "unset"))
+
+
+# --------------------------------------------------------------------------- NAM56R as the seed
+
+
+def test_nam56r_native_is_the_seed_model():
+    """Done-when of issue 12: stock Megatron accepts the native NAM56R with '+' at layers
+    1/17/33/49, 'D' at the other nine A positions, MLA flags, MTP depth 2, the seed's MoE."""
+    plan = translate(load_recipe("nam56r", ["r_lowering=M", "model.moe.permute_fusion=false"]),
+                     "native")
+    main_pattern, *mtp = plan.megatron_pattern.split("/")
+    a_layers = [n for n, c in enumerate(main_pattern, start=1) if c in "*+D"]
+    assert [n for n in a_layers if main_pattern[n - 1] == "+"] == [1, 17, 33, 49]
+    assert [n for n in a_layers if main_pattern[n - 1] == "D"] == [5, 9, 13, 21, 25, 29, 37,
+                                                                   41, 45]
+    assert "*" not in plan.megatron_pattern and mtp == ["+-", "+-"]
+    assert [x["number"] for x in plan.lowerings] == [12, 24, 36, 48]
+    args, config = megatron_parse(plan)
+    assert args.multi_latent_attention and args.experimental_attention_variant == "dsa"
+    assert (args.q_lora_rank, args.kv_lora_rank, args.qk_head_dim, args.qk_pos_emb_head_dim,
+            args.v_head_dim) == (64, 64, 64, 64, 64)
+    assert (args.dsa_indexer_n_heads, args.dsa_indexer_head_dim, args.dsa_indexer_topk) == (
+        8, 64, 256)
+    assert args.dsa_indexer_rotate_activation is True  # native keeps the seed's setting
+    assert args.mtp_num_layers == 2
+    assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size,
+            args.moe_shared_expert_intermediate_size) == (16, 4, 896, 1024)
+    assert args.moe_token_dispatcher_type == "flex" and args.moe_router_dtype == "fp32"
+    assert args.moe_aux_loss_coeff == 0.0 and not args.swiglu  # GELU: Megatron's default
+    assert type(config).__name__ == "MLATransformerConfig"
+
+
+def test_cli_translates_nam56r_native_with_r_lowering(capsys):
+    assert main(["translate", "nam56r", "--target", "native", "--set", "r_lowering=M",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pattern"]["megatron"].startswith("+EMED") and data["mtp_depths"] == 2
+    assert [x["to"] for x in data["lowerings"]] == ["M"] * 4
+    roles = {r["number"]: r for r in data["roles"] if not r["mtp_depth"]}
+    assert roles[17]["attention"] == "mla" and roles[5]["attention"] == "dsa"
+    assert roles[5]["mixer"].endswith("AbsorbedMLASelfAttention")
+
+
+def test_nam56r_plugin_carries_variants_and_the_seed_r_layer():
+    plan = translate(load_recipe("nam56r", ["model.moe.permute_fusion=false"]), "plugin")
+    args, _ = megatron_parse(plan)
+    assert args.hybrid_layer_pattern.count("+") == 4 + 2 and args.hybrid_layer_pattern.count(
+        "D") == 9
+    r = recurrent_config_from_args(args)
+    assert r == load_recipe("nam56r").model.recurrent and r.heads(4096) == 51
+    model = model_config_from_args(args)
+    layout = load_recipe("nam56r").layout
+    from megacpp_mcore.settings.attention import a_variants, mtp_variant
+    want = load_recipe("nam56r").model.attention
+    assert a_variants(layout, model.attention) == a_variants(layout, want)
+    assert mtp_variant(model.attention) == "mla"
+    assert model.attention.mla == want.mla and model.attention.dsa == want.dsa

@@ -73,6 +73,27 @@ def init_fused_projection(linear, part_sizes: list[int], config, rank: int, size
         linear.weight.copy_(local)
 
 
+def linear_default_init(linear, part_sizes: list[int] | None, config, rank: int,
+                        size: int) -> None:
+    """Re-draw a parallel linear with torch ``nn.Linear``'s default init (kaiming-uniform,
+    a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))) at its full size, keeping this rank's
+    share: part by part along dim 0 for a column-parallel fused projection
+    (``part_sizes``), along dim 1 for a row-parallel one (``part_sizes`` None)."""
+    if not config.perform_initialization:
+        return
+    local = linear.weight
+    rows = sum(part_sizes) if part_sizes is not None else local.shape[0]
+    cols = local.shape[1] if part_sizes is not None else local.shape[1] * size
+    full = torch.empty(rows, cols, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+    if part_sizes is not None:
+        share = local_parts(list(full.split(part_sizes)), rank, size)
+    else:
+        share = full.chunk(size, dim=1)[rank]
+    with torch.no_grad():
+        local.copy_(share)
+
+
 def in_projection(spec, d_model: int, part_sizes: list[int], config, tp_group):
     """The mixer's column-parallel input projection packing ``part_sizes`` (per rank
     ``[part1_local | part2_local | ...]``), initialised part by part (see above)."""

@@ -33,7 +33,7 @@ from megacpp_mcore.settings.config import (
     StpConfig,
 )
 from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
-from megacpp_mcore.settings.table import BY_KEY, plugin_rows, value_problem
+from megacpp_mcore.settings.table import AUTO_HEADS, BY_KEY, plugin_rows, value_problem
 from megacpp_mcore.settings.table import rows as table_rows
 
 GROUP = "megacpp"
@@ -96,6 +96,21 @@ def _parser_for(key: str, tp: Any):
     return parse
 
 
+def _r_heads(text: str) -> int | str:
+    """R heads: a positive integer, or 'auto' (hidden_size // (k_head_dim + v_head_dim))."""
+    if text == AUTO_HEADS:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"model.recurrent.num_heads: expected int or {AUTO_HEADS!r}, got {text!r}") from None
+    problem = value_problem("model.recurrent.num_heads", value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"model.recurrent.num_heads: {problem}")
+    return value
+
+
 def _pattern(text: str) -> str:
     """A full-length pattern in this project's letters (validated; returned as given)."""
     try:
@@ -135,6 +150,15 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     for row in _registered_rows():
         register_row(group, row)
     _add_stp_args(group)
+    docs = field_docs(RecurrentConfig)
+    group.add_argument(
+        "--megacpp-r-num-heads", type=_r_heads, default=RecurrentConfig.num_heads,
+        metavar=f"N|{AUTO_HEADS}",
+        help=f"model.recurrent.num_heads (R layers): {docs['num_heads']} ('{AUTO_HEADS}' for "
+        f"null; default {RecurrentConfig.num_heads})")
+    group.add_argument(
+        "--megacpp-r-forget-bf16", choices=("true", "false"), default="false",
+        help=f"model.recurrent.forget_bf16 (R layers): {docs['forget_bf16']} (default false)")
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -252,6 +276,9 @@ def model_config_from_args(args: Any) -> ModelConfig:
         raise SpecError("Megatron's args have neither --vocab-size nor a padded vocabulary")
     return section_from_args(
         "model", args,
+        attention=section_from_args("model.attention", args,
+                                    mla=section_from_args("model.attention.mla", args),
+                                    dsa=section_from_args("model.attention.dsa", args)),
         moe=section_from_args("model.moe", args),
         mamba=mamba_config_from_args(args),
         recurrent=recurrent_config_from_args(args),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from megacpp_mcore.backend import receipt_backends
+from megacpp_mcore.backend import dsa_rotation, receipt_backends
 from megacpp_mcore.errors import MegacppError
 from megacpp_mcore.megatron import compat
 from megacpp_mcore.megatron.args import add_megacpp_args
@@ -265,6 +265,25 @@ def _receipt_to_continue(target: Path, recipe_hash: str | None, resume_step: int
 # --------------------------------------------------------------------------- entry point
 
 
+def dsa_rotation_for_this_machine(args) -> str | None:
+    """Turn DSA's indexer rotation off where ``fast_hadamard_transform`` is missing.
+
+    Megatron's DSA indexer cannot build without it. The plugin then trains DSA without the
+    rotation (different indexer maths): ``args.megacpp_dsa_rotation_asked`` keeps what was
+    asked, so the stack spec's backend record (and the receipt) carries the deviation.
+    Returns the note, or None when nothing changed.
+    """
+    if (getattr(args, "experimental_attention_variant", None) != "dsa"
+            or not getattr(args, "dsa_indexer_rotate_activation", False)):
+        return None
+    rotate, note = dsa_rotation(True)
+    if rotate:
+        return None
+    args.dsa_indexer_rotate_activation = False
+    args.megacpp_dsa_rotation_asked = True
+    return note
+
+
 def main() -> int:
     """Parse Megatron's args (plugin flags included) and run Megatron's pretrain."""
     global TRACKER
@@ -285,6 +304,9 @@ def main() -> int:
     if args.context_parallel_size != 1:
         raise MegacppError("the plugin launcher does not split batches for context "
                            "parallelism yet (context parallel size must be 1)")
+    deviation = dsa_rotation_for_this_machine(args)
+    if deviation:
+        print(f"megacpp: {deviation}", file=sys.stderr, flush=True)
     model_config = hybrid_config_from_args(args)
     config = pretrain_cfg_container_from_args(args, model_config)
 

@@ -15,6 +15,7 @@ from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import r_head_dims, stage_problem
+from megacpp_mcore.settings.attention import a_variants, mtp_variant, used_variants
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -70,7 +71,10 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
                         "launcher's extra_args_provider megacpp_mcore.megatron.args."
                         "add_megacpp_args")
     layout = parse_pattern(pattern)
-    expected = megatron_pattern(layout, PLUGIN_SYMBOLS)
+    model = model_config_from_args(args)
+    attention = model.attention
+    expected = megatron_pattern(layout, PLUGIN_SYMBOLS, a_variants(layout, attention),
+                                mtp_variant(attention))
     if args.hybrid_layer_pattern != expected:
         raise SpecError(f"--hybrid-layer-pattern {args.hybrid_layer_pattern!r} does not encode "
                         f"--megacpp-pattern {pattern!r}; expected {expected!r}")
@@ -85,10 +89,14 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     # --megacpp-backend is what the recipe asked for (auto may resolve to local on a machine
     # without TE); without it, --transformer-impl is taken literally.
     backend = getattr(args, "megacpp_backend", None) or impl
-    model = model_config_from_args(args)
-    plan = resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-                           r_head_dims=r_head_dims(model),
-                           mamba_variant=model.mamba.variant)
+    plan = resolve_backend(
+        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
+        r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
+        attention_variants=used_variants(layout, attention) if layout.has("A") else set(),
+        # the launcher turns the rotation off where it cannot run and keeps what was asked
+        dsa_rotate=attention.dsa.rotate_activation
+        or bool(getattr(args, "megacpp_dsa_rotation_asked", False)),
+        r_form=model.recurrent.form() if layout.has("R") else None)
     return build_stack_spec(layout, model, plan)
 
 

@@ -34,10 +34,17 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
+from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.settings.sizes import plugin_problems
 from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
-from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
+from megacpp_mcore.symbols import (
+    NATIVE_SYMBOLS,
+    PLUGIN_R_SYMBOL,
+    PLUGIN_SYMBOLS,
+    VARIANT_SYMBOLS,
+    megatron_pattern,
+)
 
 MEGATRON_VERSION = "0.19.2"
 TARGETS = ("native", "plugin")
@@ -61,6 +68,12 @@ NATIVE_MODULES: dict[str, tuple[str, str]] = {
           "megatron.core.transformer.mlp.MLP"),
     "G": ("megatron.core.transformer.transformer_layer.TransformerLayer",
           "megatron.core.ssm.gated_delta_net.GatedDeltaNet"),
+}
+#: attention variant -> the mixer stock Megatron's hybrid_stack_spec builds for it.
+NATIVE_ATTENTION_MIXERS: dict[str, str] = {
+    "mla": "megatron.core.transformer.multi_latent_attention.MLASelfAttention",
+    "dsa": "megatron.core.transformer.experimental_attention_variant.absorbed_mla."
+           "AbsorbedMLASelfAttention",
 }
 #: letter -> the plugin's spec module that builds it (``megacpp_mcore.specs``).
 PLUGIN_MODULES: dict[str, str] = {
@@ -290,6 +303,9 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
     layout = recipe.layout
     roles: list[dict[str, Any]] = []
     lowerings: list[dict[str, Any]] = []
+    attention = recipe.model.attention
+    built = layout if target == "plugin" else recipe.lowered_layout
+    variants = a_variants(built, attention, layout)
 
     def role(layer: Layer) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -299,8 +315,15 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
             "letter": layer.letter,
             "family": layer.family,
         }
+        variant = None
+        if layer.letter == "A" or (layer.letter == "R" and recipe.r_lowering == "A"
+                                   and target == "native"):
+            variant = (variants[layer.number] if not layer.mtp_part
+                       else mtp_variant(attention))
+            entry["attention"] = variant
         if target == "plugin":
-            entry.update(symbol=PLUGIN_SYMBOLS[layer.letter], built_by="plugin",
+            entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else
+                         PLUGIN_SYMBOLS[layer.letter], built_by="plugin",
                          module=PLUGIN_MODULES[layer.letter], mixer=None)
             if layer.letter == "R":
                 entry["slot"] = (f"carried in Megatron's {PLUGIN_R_SYMBOL!r} slot symbol; "
@@ -314,8 +337,10 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
                               "from": "R", "to": letter, "symbol": NATIVE_SYMBOLS[letter],
                               "reason": "r_lowering (explicit in the recipe)"})
         module, mixer = NATIVE_MODULES[letter]
-        entry.update(symbol=NATIVE_SYMBOLS[letter], built_by="megatron", module=module,
-                     mixer=mixer)
+        if variant in NATIVE_ATTENTION_MIXERS:
+            mixer = NATIVE_ATTENTION_MIXERS[variant]
+        entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else NATIVE_SYMBOLS[letter],
+                     built_by="megatron", module=module, mixer=mixer)
         return entry
 
     for layer in (*layout.layers, *layout.mtp_layers):
@@ -354,7 +379,10 @@ def translate(recipe: Recipe, target: str = "native",
                 + "\n  - ".join(problems)
             )
         built, symbols = recipe.lowered_layout, NATIVE_SYMBOLS
-    pattern = megatron_pattern(built, symbols)
+    attention = recipe.model.attention
+    pattern = megatron_pattern(built, symbols, a_variants(built, attention, layout),
+                               mtp_variant(attention))
+    latent = (used_variants(built, attention, layout) & set(LATENT)) if built.has("A") else set()
     uses = {letter for letter in FAMILIES if built.has(letter)}
     model, par, train, data = recipe.model, recipe.parallel, recipe.training, recipe.data
     f = _Flags()
@@ -366,9 +394,11 @@ def translate(recipe: Recipe, target: str = "native",
         omitted.append({"field": key, "reason": reason})
 
     # ---- layout
-    encoding = ", ".join(f"{k}->{v}" for k, v in symbols.items())
-    f.add("--hybrid-layer-pattern", pattern, source="pattern, depth",
-          reason=f"letters to Megatron symbols ({encoding}); '|' stages and '/' MTP parts kept")
+    encoding = ", ".join(f"{k}->{v}" for k, v in symbols.items() if k != "A")
+    encoding += ", A->" + "/".join(f"{s} ({v})" for v, s in VARIANT_SYMBOLS.items())
+    f.add("--hybrid-layer-pattern", pattern, source="pattern, depth, model.attention",
+          reason=f"letters to Megatron symbols ({encoding}, per A position from "
+          "model.attention); '|' stages and '/' MTP parts kept")
     f.add("--num-layers", layout.depth, source="depth",
           reason="main-decoder layers (Megatron also derives it from the pattern)")
     if layout.mtp_depth:
@@ -401,6 +431,14 @@ def translate(recipe: Recipe, target: str = "native",
     for fixed in FIXED:
         if fixed.flag and (plugin or not fixed.plugin_only_flag):
             f.add(fixed.flag, reason=fixed.reason)
+    if "dsa" in latent and not plugin:
+        f.add("--no-rope-fusion", source="model.attention",
+              reason="Megatron asserts RoPE fusion is off for DSAttention (the seed's launcher "
+              "passes it too)")
+    if "dsa" in latent and plugin and attention.dsa.rotate_activation:
+        notes.append("model.attention.dsa.rotate_activation true: the indexer's Hadamard "
+                     "rotation needs fast_hadamard_transform; where it is missing the plugin "
+                     "launcher builds DSA without it and the backend record says DEVIATION")
 
     # ---- backend
     impl = "local" if recipe.backend == "local" else "transformer_engine"

@@ -20,6 +20,9 @@ def fused_head_dims_problem(k_head_dim: int, v_head_dim: int) -> str | None:
 def check_scan_inputs(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int]:
     """Check the shapes, dtypes and devices every path shares; return ``(B, T, H, K, V)``.
 
+    ``q`` and ``k`` are ``[B, T, H, K]``, or ``[B, T, 1, K]`` for the shared form (one q
+    head and one k head read by all H heads of ``v``, ``f`` and ``W``).
+
     Raises ``ValueError`` naming the offending argument and what was expected.
     """
     named = {"q": q, "k": k, "v": v, "f": f, "W": W}
@@ -37,6 +40,8 @@ def check_scan_inputs(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int]:
         raise ValueError(f"m2rnn scan: every dimension of q must be >= 1, got {tuple(q.shape)}")
     if tuple(k.shape) != (B, T, H, K):
         raise ValueError(f"m2rnn scan: k must have q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
+    if H == 1 and v.dim() == 4:  # shared q/k: one q and one k head read by every v head
+        H = v.shape[2]
     if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H) or v.shape[3] < 1:
         raise ValueError(f"m2rnn scan: v must be [B, T, H, V] = [{B}, {T}, {H}, V], "
                          f"got shape {tuple(v.shape)}")

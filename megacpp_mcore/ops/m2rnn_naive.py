@@ -8,18 +8,20 @@ import torch
 
 def naive_scan(q, k, v, f, W, h0):
     """The recurrence written out per step, per batch, per head (float64, plain loops)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[-1]
+    shared = q.shape[2] == 1  # one q and one k head read by every head
     state = [[h0[b, h] for h in range(H)] for b in range(B)]
     ys = [[[] for _ in range(H)] for _ in range(B)]
     for t in range(T):
         for b in range(B):
             for h in range(H):
                 prev = state[b][h]
-                pre = prev @ W[h] + torch.outer(k[b, t, h], v[b, t, h])
+                hq = 0 if shared else h
+                pre = prev @ W[h] + torch.outer(k[b, t, hq], v[b, t, h])
                 new = f[b, t, h] * prev + (1 - f[b, t, h]) * torch.tanh(pre)
                 state[b][h] = new
-                ys[b][h].append(q[b, t, h] @ new)  # [V]
+                ys[b][h].append(q[b, t, hq] @ new)  # [V]
     y = torch.stack([torch.stack([torch.stack(ys[b][h]) for h in range(H)], dim=1)
                      for b in range(B)])  # [B, T, H, V]
     h_last = torch.stack([torch.stack(state[b]) for b in range(B)])

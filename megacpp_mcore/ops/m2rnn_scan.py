@@ -7,7 +7,8 @@ Per batch ``b`` and head ``h`` the state is a ``K x V`` matrix (``K`` = k_head_d
     h_t   = f_t * h_{t-1} + (1 - f_t) * tanh(pre_t)      # f_t: one scalar per (b, t, head)
     y_t   = q_t^T h_t                                     # [V], a sum over the K rows
 
-Shapes: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``f: [B, T, H]``, ``W: [H, V, V]``,
+Shapes: ``q, k: [B, T, H, K]`` (or ``[B, T, 1, K]``: one q and one k head shared by every
+head, broadcast without copies), ``v: [B, T, H, V]``, ``f: [B, T, H]``, ``W: [H, V, V]``,
 ``h0: [B, H, K, V]`` or None (zeros). Every path returns ``(y, h_last)`` with ``y: [B, T, H, V]``
 in q's dtype and ``h_last: [B, H, K, V]`` in float32 (float64 when an input is float64).
 
@@ -41,6 +42,7 @@ def m2rnn_scan_reference(q, k, v, f, W, h0=None):
     inputs = (q, k, v, f, W) if h0 is None else (q, k, v, f, W, h0)
     cdt = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
     qc, kc, vc, fc, Wc = (x.to(cdt) for x in (q, k, v, f, W))
+    qc, kc = qc.expand(B, T, H, K), kc.expand(B, T, H, K)  # shared q/k: a view, no copy
     h = q.new_zeros((B, H, K, V), dtype=cdt) if h0 is None else h0.to(cdt)
     ys = []
     for t in range(T):

@@ -25,6 +25,11 @@ Design:
 * Inputs are loaded in their own dtype (bf16, fp16 or fp32) and upcast; the state and every
   accumulation are float32.
 
+Shared q/k (``q, k: [B, T, 1, K]``, one q and one k head read by all H heads) is a
+kernel argument (``HQ`` = 1): every program reads head 0 of q and k through its own
+index, so no per-head copies of q or k are made; their gradients are written per head in
+float32 and summed over heads by torch.
+
 Supported: K (k_head_dim) in {16, 32, 64, 128, 256}, V (v_head_dim) in {16, 32, 64},
 any B, T >= 1, any H, backward_chunk in [1, 1024]; q, k, v of one dtype in
 {bf16, fp16, fp32}; f, W, h0 each in {bf16, fp16, fp32}. Anything else raises ValueError.
@@ -92,7 +97,7 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 def _m2rnn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, h0_ptr,
     ypart_ptr, hlast_ptr, bnd_ptr,
-    T, H, NC, CHUNK,
+    T, H, HQ, NC, CHUNK,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NR: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_BND: tl.constexpr, USE_DOT: tl.constexpr,
 ):
@@ -114,16 +119,19 @@ def _m2rnn_fwd_kernel(
     else:
         h = tl.zeros([BK, V], dtype=tl.float32)
     bth0 = b * T * H + hh  # flat index of (b, t=0, hh) in [B, T, H]
+    # q and k are [B, T, HQ, K]: HQ = H (per head) or 1 (shared: every head reads head 0).
+    bq0 = b * T * HQ + hh % HQ
 
     # Inputs of step t are loaded one step ahead (software prefetch) to hide load latency.
-    kt = tl.load(k_ptr + bth0 * K + rows).to(tl.float32)
-    qt = tl.load(q_ptr + bth0 * K + rows).to(tl.float32)
+    kt = tl.load(k_ptr + bq0 * K + rows).to(tl.float32)
+    qt = tl.load(q_ptr + bq0 * K + rows).to(tl.float32)
     vt = tl.load(v_ptr + bth0 * V + cols).to(tl.float32)
     ft = tl.load(f_ptr + bth0).to(tl.float32)
     for t in range(T):
         nxt = bth0 + tl.minimum(t + 1, T - 1) * H
-        kn = tl.load(k_ptr + nxt * K + rows).to(tl.float32)
-        qn = tl.load(q_ptr + nxt * K + rows).to(tl.float32)
+        nq = bq0 + tl.minimum(t + 1, T - 1) * HQ
+        kn = tl.load(k_ptr + nq * K + rows).to(tl.float32)
+        qn = tl.load(q_ptr + nq * K + rows).to(tl.float32)
         vn = tl.load(v_ptr + nxt * V + cols).to(tl.float32)
         fn = tl.load(f_ptr + nxt).to(tl.float32)
         if STORE_BND:  # noqa: SIM102 (compile-time test, then a runtime one)
@@ -147,7 +155,7 @@ def _m2rnn_bwd_kernel(
     q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, dhlast_ptr, bnd_ptr,
     hs_ptr, us_ptr,
     dq_ptr, dk_ptr, dvpart_ptr, dfpart_ptr, dwpart_ptr, dh0_ptr,
-    T, H, NC, CHUNK,
+    T, H, HQ, NC, CHUNK,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NR: tl.constexpr,
     HAS_H0: tl.constexpr, USE_DOT: tl.constexpr,
 ):
@@ -175,6 +183,7 @@ def _m2rnn_bwd_kernel(
     g = tl.load(dhlast_ptr + st_off)
     dw = tl.zeros([V, V], dtype=tl.float32)
     bth0 = b * T * H + hh
+    bq0 = b * T * HQ + hh % HQ  # q, k: [B, T, HQ, K]; dq, dk are written per head
     prog = pid_bh * NR + pid_r
     scr = prog * CHUNK * BK * V + tl.arange(0, BK)[:, None] * V + cols[None, :]
 
@@ -186,13 +195,14 @@ def _m2rnn_bwd_kernel(
 
         # (1) Recompute the chunk's states; emit dq.
         cur = bth0 + t0 * H
-        kt = tl.load(k_ptr + cur * K + rows).to(tl.float32)
+        kt = tl.load(k_ptr + (bq0 + t0 * HQ) * K + rows).to(tl.float32)
         vt = tl.load(v_ptr + cur * V + cols).to(tl.float32)
         ft = tl.load(f_ptr + cur).to(tl.float32)
         dyt = tl.load(dy_ptr + cur * V + cols).to(tl.float32)
         for j in range(L):
             nxt = bth0 + (t0 + tl.minimum(j + 1, L - 1)) * H
-            kn = tl.load(k_ptr + nxt * K + rows).to(tl.float32)
+            kn = tl.load(k_ptr + (bq0 + (t0 + tl.minimum(j + 1, L - 1)) * HQ) * K
+                         + rows).to(tl.float32)
             vn = tl.load(v_ptr + nxt * V + cols).to(tl.float32)
             fn = tl.load(f_ptr + nxt).to(tl.float32)
             dyn = tl.load(dy_ptr + nxt * V + cols).to(tl.float32)
@@ -212,8 +222,9 @@ def _m2rnn_bwd_kernel(
 
         # (2) Back-propagate through the chunk, last step first.
         cur = bth0 + (t0 + L - 1) * H
-        qt = tl.load(q_ptr + cur * K + rows).to(tl.float32)
-        kt = tl.load(k_ptr + cur * K + rows).to(tl.float32)
+        cq = bq0 + (t0 + L - 1) * HQ
+        qt = tl.load(q_ptr + cq * K + rows).to(tl.float32)
+        kt = tl.load(k_ptr + cq * K + rows).to(tl.float32)
         vt = tl.load(v_ptr + cur * V + cols).to(tl.float32)
         ft = tl.load(f_ptr + cur).to(tl.float32)
         dyt = tl.load(dy_ptr + cur * V + cols).to(tl.float32)
@@ -223,8 +234,9 @@ def _m2rnn_bwd_kernel(
             j = L - 1 - jj
             jn = tl.maximum(j - 1, 0)
             nxt = bth0 + (t0 + jn) * H
-            qn = tl.load(q_ptr + nxt * K + rows).to(tl.float32)
-            kn = tl.load(k_ptr + nxt * K + rows).to(tl.float32)
+            nq = bq0 + (t0 + jn) * HQ
+            qn = tl.load(q_ptr + nq * K + rows).to(tl.float32)
+            kn = tl.load(k_ptr + nq * K + rows).to(tl.float32)
             vn = tl.load(v_ptr + nxt * V + cols).to(tl.float32)
             fn = tl.load(f_ptr + nxt).to(tl.float32)
             dyn = tl.load(dy_ptr + nxt * V + cols).to(tl.float32)
@@ -310,8 +322,8 @@ def _device_guard(x: torch.Tensor):
 class _M2RNNScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, f, W, h0, chunk, bk, num_warps, use_dot):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
+        B, T, HQ, K = q.shape
+        H, V = v.shape[2], v.shape[-1]
         nr = K // bk
         nc = triton.cdiv(T, chunk)
         need_bwd = any(ctx.needs_input_grad[:6])
@@ -323,7 +335,7 @@ class _M2RNNScanFn(torch.autograd.Function):
             _m2rnn_fwd_kernel[(B * H, nr)](
                 q, k, v, f, W, h_last if h0 is None else h0,
                 ypart, h_last, bnd,
-                T, H, nc, chunk,
+                T, H, HQ, nc, chunk,
                 K=K, V=V, BK=bk, NR=nr,
                 HAS_H0=h0 is not None, STORE_BND=need_bwd, USE_DOT=use_dot,
                 num_warps=num_warps, num_stages=1,
@@ -340,8 +352,8 @@ class _M2RNNScanFn(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         q, k, v, f, W, bnd = ctx.saved_tensors
         chunk, bk, num_warps, use_dot = ctx.launch
-        B, T, H, K = q.shape
-        V = v.shape[-1]
+        B, T, HQ, K = q.shape
+        H, V = v.shape[2], v.shape[-1]
         nr = K // bk
         nc = triton.cdiv(T, chunk)
         fp32 = torch.float32
@@ -350,8 +362,11 @@ class _M2RNNScanFn(torch.autograd.Function):
         dh_last = dh_last.to(fp32).contiguous()
         # dq, dk are stored in the inputs' dtype (on GPU Triton rounds fp32 to nearest-even;
         # the CPU interpreter truncates, which only its bf16 runs would notice).
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
+        # Shared q/k (HQ = 1): each head's dq, dk are written in float32 and summed over
+        # heads below, in a fixed order (no atomics).
+        shared = HQ != H
+        dq = q.new_empty((B, T, H, K), dtype=fp32) if shared else torch.empty_like(q)
+        dk = k.new_empty((B, T, H, K), dtype=fp32) if shared else torch.empty_like(k)
         dvpart = torch.empty((B, T, H, nr, V), device=dev, dtype=fp32)
         dfpart = torch.empty((B, T, H, nr), device=dev, dtype=fp32)
         dwpart = torch.empty((B, H, nr, V, V), device=dev, dtype=fp32)
@@ -364,10 +379,13 @@ class _M2RNNScanFn(torch.autograd.Function):
                 q, k, v, f, W, dy, dh_last, bnd,
                 hs, us,
                 dq, dk, dvpart, dfpart, dwpart, dh0,
-                T, H, nc, chunk,
+                T, H, HQ, nc, chunk,
                 K=K, V=V, BK=bk, NR=nr, HAS_H0=has_h0, USE_DOT=use_dot,
                 num_warps=num_warps, num_stages=1,
             )
+        if shared:
+            dq = dq.sum(dim=2, keepdim=True).to(q.dtype)
+            dk = dk.sum(dim=2, keepdim=True).to(k.dtype)
         dv = dvpart.sum(dim=3).to(v.dtype)
         df = dfpart.sum(dim=3).to(f.dtype)
         dW = dwpart.sum(dim=(0, 2)).to(W.dtype)

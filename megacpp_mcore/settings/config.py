@@ -111,7 +111,12 @@ class MoEConfig(_Checked):
         aux_loss_coeff: weight of the load-balancing loss.
         router_score_function: softmax or sigmoid gate scores.
         grouped_gemm: run the experts as one grouped GEMM (GPU); false runs them one by one.
-        token_dispatcher: alltoall (expert parallel, GPU) or allgather.
+        token_dispatcher: alltoall (expert parallel, GPU), allgather, or flex (DeepEP's
+            fused dispatch; needs the deep_ep package, CUDA and tensor x expert parallel > 1).
+        router_dtype: dtype of the router's scores and probabilities: fp32, fp64, or null
+            for the parameters' dtype.
+        permute_fusion: fuse the token permutation kernels (Megatron's --moe-permute-fusion;
+            needs Transformer Engine).
     """
 
     PREFIX: ClassVar[str] = "model.moe"
@@ -124,7 +129,93 @@ class MoEConfig(_Checked):
     aux_loss_coeff: float = 1e-2
     router_score_function: Literal["softmax", "sigmoid"] = "softmax"
     grouped_gemm: bool = True
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    router_dtype: Literal["fp32", "fp64"] | None = None
+    permute_fusion: bool = False
+
+
+@dataclass(frozen=True)
+class MLAConfig(_Checked):
+    """Multi-latent attention (Megatron's MLA), used by A positions whose variant is mla or dsa.
+
+    Attributes:
+        q_lora_rank: rank of the query's low-rank (down/up) projection; null projects queries
+            directly (no compression).
+        kv_lora_rank: rank of the shared key/value latent.
+        qk_head_dim: per-head query/key channels without position embedding.
+        qk_pos_emb_head_dim: per-head query/key channels that carry RoPE.
+        v_head_dim: per-head value channels.
+        rope_type: rope or yarn (Megatron's MLA default when no --rope-type is passed).
+    """
+
+    PREFIX: ClassVar[str] = "model.attention.mla"
+
+    q_lora_rank: int | None = 64
+    kv_lora_rank: int = 64
+    qk_head_dim: int = 64
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 64
+    rope_type: Literal["rope", "yarn"] = "rope"
+
+
+@dataclass(frozen=True)
+class DSAConfig(_Checked):
+    """DeepSeek sparse attention (Megatron's DSA: MLA plus a top-k token indexer).
+
+    Attributes:
+        indexer_heads: heads of the lightweight indexer that scores past tokens.
+        indexer_head_dim: channels per indexer head.
+        top_k: past tokens each query attends to.
+        indexer_loss_coeff: weight of the indexer's KL loss against dense attention (0 turns
+            it off).
+        rotate_activation: Hadamard-rotate the indexer's q and k before scoring (Megatron's
+            default; needs fast_hadamard_transform on the machine).
+    """
+
+    PREFIX: ClassVar[str] = "model.attention.dsa"
+
+    indexer_heads: int = 8
+    indexer_head_dim: int = 64
+    top_k: int = 256
+    indexer_loss_coeff: float = 0.001
+    rotate_activation: bool = True
+
+
+AttentionVariant = Literal["gqa", "mla", "dsa"]
+
+
+@dataclass(frozen=True)
+class AttentionConfig(_Checked):
+    """Which attention each A position gets (the letter stays A; the variant is a setting).
+
+    A rank is the 0-based index of an A among the main decoder's A layers (the seed's
+    NAM56R: MLA at A ranks 0, 4, 8, 12 = layers 1, 17, 33, 49); a layer is its 1-based
+    number. Positions not listed get ``variant``. Megatron refuses gqa mixed with mla/dsa
+    in one model.
+
+    Attributes:
+        variant: the variant of every A position not listed below: gqa (Megatron's
+            SelfAttention, grouped-query), mla or dsa.
+        mla_ranks: A ranks (0-based, main decoder) that get MLA.
+        dsa_ranks: A ranks (0-based, main decoder) that get DSA.
+        mla_layers: layer numbers (1-based, main decoder) that get MLA; each must be an A.
+        dsa_layers: layer numbers (1-based, main decoder) that get DSA; each must be an A.
+        mtp_variant: the variant of A layers in multi-token-prediction parts (all parts are
+            identical); null means variant.
+        mla: the MLA sizes (used by mla and dsa positions).
+        dsa: the DSA indexer settings (used by dsa positions).
+    """
+
+    PREFIX: ClassVar[str] = "model.attention"
+
+    variant: AttentionVariant = "gqa"
+    mla_ranks: tuple[int, ...] = ()
+    dsa_ranks: tuple[int, ...] = ()
+    mla_layers: tuple[int, ...] = ()
+    dsa_layers: tuple[int, ...] = ()
+    mtp_variant: AttentionVariant | None = None
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
 
 
 @dataclass(frozen=True)
@@ -165,24 +256,62 @@ class RecurrentConfig(_Checked):
     """Recurrent mixer (letter R): an M2RNN-style matrix-state RNN.
 
     Per head the state is a k_head_dim x v_head_dim matrix h, updated as
-    ``h = f * h + (1 - f) * tanh(h @ W + k (x) v)`` and read out as ``y = q . h``.
+    ``h = f * h + (1 - f) * tanh(h @ W + k (x) v)`` and read out as ``y = q . h``. The
+    defaults are this project's per-head layer; the seed system's layer (recipes/nam56r.yaml)
+    is qk_heads shared, num_heads null, in_proj_order qkvfg, skip_scale per_channel, norm
+    whole, proj_init linear_default, forget_bf16 true.
 
     Attributes:
-        num_heads: recurrent heads (split across tensor-parallel ranks).
+        num_heads: recurrent (value, forget, gate, W) heads, split across tensor-parallel
+            ranks; null means hidden_size // (k_head_dim + v_head_dim), the seed's rule
+            (51 at hidden 4096, K 64, V 16).
         k_head_dim: rows of each head's state (size of q and k).
         v_head_dim: columns of each head's state (size of v, the gate and the output).
         conv_kernel: width of the depthwise causal convolution on q, k, v.
         backward_chunk: time steps between stored states in the fused kernel's backward
             (recomputed inside a chunk), so activation memory stays linear in sequence length.
+        qk_heads: per_head (one q and one k head per head) or shared (ONE q head and ONE k
+            head read by every head, the seed's layer; the scan broadcasts them, no copies).
+        in_proj_order: order of the parts of the fused input projection: qkvgf (q|k|v|g|f,
+            this project's) or qkvfg (q|k|v|f|g, the seed's).
+        skip_scale: the D skip ``y + D * v``: per_head (one scalar per head) or per_channel
+            (a [heads, V] matrix, the seed's).
+        norm: the RMS norm before out_proj: per_head (over each head's V channels) or whole
+            (one norm over all heads' concatenated output, the seed's).
+        proj_init: normal (Megatron's normal init with init_std; out_proj scaled by depth)
+            or linear_default (torch nn.Linear's default kaiming-uniform, the seed's).
+        forget_bf16: round the forget gate to bfloat16 before the scan (the seed's).
     """
 
     PREFIX: ClassVar[str] = "model.recurrent"
 
-    num_heads: int = 16
+    num_heads: int | None = 16
     k_head_dim: int = 64
     v_head_dim: int = 16
     conv_kernel: int = 4
     backward_chunk: int = 64
+    qk_heads: Literal["per_head", "shared"] = "per_head"
+    in_proj_order: Literal["qkvgf", "qkvfg"] = "qkvgf"
+    skip_scale: Literal["per_head", "per_channel"] = "per_head"
+    norm: Literal["per_head", "whole"] = "per_head"
+    proj_init: Literal["normal", "linear_default"] = "normal"
+    forget_bf16: bool = False
+
+    def form(self) -> str:
+        """The layer form in words, for the backend record (what differs from per-head)."""
+        parts = [f"{self.qk_heads} q/k", f"in_proj {'|'.join(self.in_proj_order)}",
+                 f"D {self.skip_scale}", f"norm {self.norm}", f"{self.proj_init} init"]
+        if self.forget_bf16:
+            parts.append("forget gate in bf16")
+        if self.qk_heads == "shared" or self.norm == "whole":
+            parts.append("tensor parallel 1 only (refused above, not replicated)")
+        return ", ".join(parts)
+
+    def heads(self, hidden_size: int) -> int:
+        """The number of heads for a model of width ``hidden_size``."""
+        if self.num_heads is not None:
+            return self.num_heads
+        return hidden_size // (self.k_head_dim + self.v_head_dim)
 
 
 @dataclass(frozen=True)
@@ -228,6 +357,7 @@ class ModelConfig(_Checked):
         tie_embeddings: share the input embedding and the output layer.
         hidden_dropout: dropout on the residual branches.
         attention_dropout: dropout on attention probabilities.
+        attention: the attention variant of each A position (gqa, mla, dsa) and their sizes.
         moe: the MoE section (letter E).
         mamba: the Mamba section (letter M: Mamba-2 or Mamba-3).
         recurrent: the recurrent mixer section (letter R).
@@ -252,6 +382,7 @@ class ModelConfig(_Checked):
     tie_embeddings: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)

@@ -43,6 +43,7 @@ from megacpp_mcore.errors import PatternError, RecipeError
 from megacpp_mcore.jsonio import content_hash
 from megacpp_mcore.layout import FAMILIES, Layout, known_families, parse_pattern, resolve
 from megacpp_mcore.paths import RECIPES_DIR, REPO_ROOT
+from megacpp_mcore.settings.attention import LATENT, attention_problems, used_variants
 from megacpp_mcore.settings.config import (
     DataConfig,
     LoggingConfig,
@@ -703,6 +704,19 @@ def recipe_problems(recipe: Recipe) -> list[str]:
                 f"model.num_attention_heads ({heads}) must be divisible by parallel.tensor "
                 f"({parallel.tensor}): Megatron checks it even without attention layers"
             )
+    problems += attention_problems(layout, model.attention)  # also: lists without any A
+    if layout.has("A"):
+        latent = used_variants(recipe.lowered_layout, model.attention, layout) & set(LATENT)
+        if latent and model.num_query_groups is not None:
+            problems.append(
+                f"model.num_query_groups ({model.num_query_groups}) with {sorted(latent)} "
+                "attention: multi-latent attention has no query groups (Megatron refuses "
+                "--group-query-attention with it); set it null")
+        if latent and model.position_embedding != "rope":
+            problems.append(
+                f"model.position_embedding {model.position_embedding} with {sorted(latent)} "
+                "attention: MLA always applies RoPE to its qk_pos_emb_head_dim channels; "
+                "use rope")
     moe = model.moe
     if recipe.lowered_layout.has("E") and moe.top_k == 1 and moe.router_score_function == (
             "softmax"):
@@ -711,6 +725,12 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             "the one chosen expert is constant (zero router gradient), and Megatron refuses it "
             "without a pre-top-k softmax, which recipes do not set; use top_k >= 2 or sigmoid"
         )
+    if (recipe.lowered_layout.has("E") and moe.token_dispatcher == "flex"
+            and parallel.tensor * parallel.expert == 1):
+        problems.append(
+            "model.moe.token_dispatcher flex with parallel.tensor x parallel.expert = 1: "
+            "Megatron's DeepEP dispatcher asserts TP x EP > 1; use alltoall (or allgather) "
+            "at expert-parallel size 1")
     if parallel.expert > 1 and not recipe.lowered_layout.has("E"):
         problems.append(
             f"parallel.expert ({parallel.expert}) > 1 but the layout has no E (MoE) layer"

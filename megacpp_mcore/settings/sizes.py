@@ -102,7 +102,21 @@ def size_problems(layout: Layout, model: ModelConfig, parallel: ParallelConfig) 
         if mamba.variant == "mamba3":
             problems.extend(_mamba3_problems(mamba, tp))
     if layout.has("R"):
-        _divides(problems, model.recurrent.num_heads, "model.recurrent.num_heads", tp, tp_name)
+        r = model.recurrent
+        heads = r.heads(model.hidden_size)
+        if heads < 1:
+            problems.append(f"model.recurrent.num_heads null gives hidden_size // (k_head_dim + "
+                            f"v_head_dim) = {heads} heads; set num_heads")
+        _divides(problems, heads, "model.recurrent.num_heads" + (
+            "" if r.num_heads is not None else " (null: hidden // (K + V))"), tp, tp_name)
+        seed_form = [k for k, v in (("qk_heads", r.qk_heads == "shared"),
+                                    ("norm", r.norm == "whole")) if v]
+        if tp > 1 and seed_form:
+            problems.append(
+                f"model.recurrent.{' and model.recurrent.'.join(seed_form)} (the seed's R "
+                f"form) with parallel.tensor {tp}: shared q/k heads and one norm over the "
+                "whole output are whole-layer quantities; the plugin builds them at tensor "
+                "parallel 1 only (refused, not replicated)")
     if layout.has("G"):
         gdn = model.gdn
         _divides(problems, gdn.num_value_heads, "model.gdn.num_value_heads", gdn.num_key_heads,

@@ -38,7 +38,9 @@ Pure Python: nothing here imports torch, Megatron or the config dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,6 +338,111 @@ def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Set
                    "--target native)", **kwargs)
 
 
+# attention variants (per A position; the positions travel in the pattern) --------------
+
+#: Megatron hybrid symbol of an A position -> its attention variant
+_SYMBOL_VARIANTS = {"*": "gqa", "+": "mla", "D": "dsa"}
+
+
+def _latent(root: Any) -> set[str]:
+    """The multi-latent variants (mla, dsa) the recipe ``root`` builds (native or plugin)."""
+    from megacpp_mcore.settings.attention import LATENT, used_variants
+
+    built = root.lowered_layout
+    if not built.has("A"):
+        return set()
+    return used_variants(built, root.model.attention, root.layout) & set(LATENT)
+
+
+def _attention_from_args(args: Any) -> dict[str, Any]:
+    """The per-position variants read from the A symbols of --hybrid-layer-pattern ('*' gqa,
+    '+' mla, 'D' dsa), listed by layer number."""
+    pattern = getattr(args, "hybrid_layer_pattern", None) or ""
+    main, _, mtp = pattern.partition("/")
+    by_variant: dict[str, list[int]] = {"gqa": [], "mla": [], "dsa": []}
+    for number, symbol in enumerate((c for c in main if c != "|"), start=1):
+        if symbol in _SYMBOL_VARIANTS:
+            by_variant[_SYMBOL_VARIANTS[symbol]].append(number)
+    mtp_symbols = [c for c in mtp if c in _SYMBOL_VARIANTS]
+    mtp_variant = _SYMBOL_VARIANTS[mtp_symbols[0]] if mtp_symbols else None
+    latent = by_variant["mla"] or by_variant["dsa"]
+    variant = "gqa" if by_variant["gqa"] or not latent else (
+        mtp_variant or ("mla" if by_variant["mla"] else "dsa"))
+    return {"variant": variant, "mla_ranks": (), "dsa_ranks": (),
+            "mla_layers": tuple(by_variant["mla"]) if variant != "mla" else (),
+            "dsa_layers": tuple(by_variant["dsa"]) if variant != "dsa" else (),
+            "mtp_variant": mtp_variant}
+
+
+def _attention_row(name: str) -> Setting:
+    return Setting(f"model.attention.{name}", emit=_none, families="A",
+                   check=NON_NEGATIVE if name.endswith("_ranks") else None,
+                   read_args=lambda a: _attention_from_args(a)[name])
+
+
+def _section_default(section: str, name: str) -> Any:
+    from megacpp_mcore.settings import config
+
+    cls = {"mla": config.MLAConfig, "dsa": config.DSAConfig}[section]
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _latent_row(section: str, name: str, flag: str, attr: str | None = None,
+                kind: str = "value") -> Setting:
+    """An MLA (section mla: every mla/dsa model) or DSA (section dsa) size: its Megatron
+    flag is emitted only when the layout builds that variant; read back as the default
+    when Megatron's args do not build it."""
+    needs = {"mla": {"mla", "dsa"}, "dsa": {"dsa"}}[section]
+    dest = attr or flag.lstrip("-").replace("-", "_")
+
+    def emit(value: Any, root: Any) -> list[tuple]:
+        if not (_latent(root) & needs) or value is None:
+            return []
+        if kind == "negated":
+            return [] if value else [(flag,)]
+        return [(flag, value)]
+
+    def read(args: Any) -> Any:
+        on = (getattr(args, "experimental_attention_variant", None) == "dsa"
+              if section == "dsa" else getattr(args, "multi_latent_attention", False))
+        if not on:
+            return _section_default(section, name)
+        raw = getattr(args, dest)
+        if kind == "negated":
+            return bool(raw)
+        if name == "rope_type":
+            return raw or "yarn"  # Megatron's MLA default without --rope-type
+        if name == "indexer_loss_coeff":
+            return _section_default(section, name) if raw is None else float(raw)
+        return raw
+
+    return Setting(f"model.attention.{section}.{name}", flag, kind=kind, families="A",
+                   emit=emit, read_args=read,
+                   check=NON_NEGATIVE if name == "indexer_loss_coeff" else None)
+
+
+def _multi_latent_flags(value: Any, root: Any) -> list[tuple]:
+    latent = _latent(root)
+    flags: list[tuple] = [("--multi-latent-attention",)] if latent else []
+    if "dsa" in latent:
+        flags.append(("--experimental-attention-variant", "dsa"))
+    return flags
+
+
+# R (plugin) rows with non-scalar flag values ----------------------------------------
+
+#: the value --megacpp-r-num-heads takes for num_heads null (hidden // (K + V))
+AUTO_HEADS = "auto"
+
+
+def _r_heads_flags(value: Any, root: Any) -> list[tuple]:
+    return [("--megacpp-r-num-heads", AUTO_HEADS if value is None else value)]
+
+
+def _bool_value_flags(flag: str) -> Callable[[Any, Any], list[tuple]]:
+    return lambda value, root: [(flag, "true" if value else "false")]
+
+
 _DEFAULT_DROPOUT = "explicit: Megatron's default is 0.1"
 _MAMBA_PLUGIN = "Megatron has no flag for it; the plugin's Mamba-2 mixer reads it"
 
@@ -377,6 +484,24 @@ SETTINGS: tuple[Setting, ...] = (
             check=UNIT, reason=_DEFAULT_DROPOUT),
     Setting("model.attention_dropout", "--attention-dropout",
             config={"attention_dropout": _same}, check=UNIT, reason=_DEFAULT_DROPOUT),
+    # ---- A: attention variants per position (pattern symbols) and MLA / DSA sizes
+    Setting("model.attention.variant", emit=_multi_latent_flags, families="A",
+            read_args=lambda a: _attention_from_args(a)["variant"],
+            reason="A positions' variants travel as '*'/'+'/'D' in --hybrid-layer-pattern"),
+    *(_attention_row(name) for name in ("mla_ranks", "dsa_ranks", "mla_layers", "dsa_layers",
+                                        "mtp_variant")),
+    _latent_row("mla", "q_lora_rank", "--q-lora-rank"),
+    _latent_row("mla", "kv_lora_rank", "--kv-lora-rank"),
+    _latent_row("mla", "qk_head_dim", "--qk-head-dim"),
+    _latent_row("mla", "qk_pos_emb_head_dim", "--qk-pos-emb-head-dim"),
+    _latent_row("mla", "v_head_dim", "--v-head-dim"),
+    _latent_row("mla", "rope_type", "--rope-type"),
+    _latent_row("dsa", "indexer_heads", "--dsa-indexer-n-heads"),
+    _latent_row("dsa", "indexer_head_dim", "--dsa-indexer-head-dim"),
+    _latent_row("dsa", "top_k", "--dsa-indexer-topk"),
+    _latent_row("dsa", "indexer_loss_coeff", "--dsa-indexer-loss-coeff"),
+    _latent_row("dsa", "rotate_activation", "--no-dsa-indexer-rotate-activation",
+                attr="dsa_indexer_rotate_activation", kind="negated"),
     # ---- E: mixture of experts
     Setting("model.moe.num_experts", "--num-experts", families="E",
             config={"num_moe_experts": _same}),
@@ -399,6 +524,10 @@ SETTINGS: tuple[Setting, ...] = (
             config={"moe_grouped_gemm": _same}),
     Setting("model.moe.token_dispatcher", "--moe-token-dispatcher-type", families="E",
             config={"moe_token_dispatcher_type": _same}),
+    Setting("model.moe.router_dtype", "--moe-router-dtype", families="E",
+            config={"moe_router_dtype": _same}),
+    Setting("model.moe.permute_fusion", "--moe-permute-fusion", kind="switch", families="E",
+            config={"moe_permute_fusion": _same}),
     # ---- M: Mamba-2
     Setting("model.mamba.state_dim", "--mamba-state-dim", families="M",
             config={"mamba_state_dim": _same}),
@@ -419,11 +548,22 @@ SETTINGS: tuple[Setting, ...] = (
     _mamba3_row("mimo", "--megacpp-mamba-mimo", kind="switch"),
     _mamba3_row("mimo_rank", "--megacpp-mamba-mimo-rank", check=POSITIVE),
     # ---- R: recurrent (plugin only)
-    Setting("model.recurrent.num_heads", "--megacpp-r-num-heads", families="R"),
+    Setting("model.recurrent.num_heads", "--megacpp-r-num-heads", families="R",
+            emit=_r_heads_flags, register=False,
+            read_args=lambda a: None if a.megacpp_r_num_heads == AUTO_HEADS else (
+                a.megacpp_r_num_heads)),
     Setting("model.recurrent.k_head_dim", "--megacpp-r-k-head-dim", families="R"),
     Setting("model.recurrent.v_head_dim", "--megacpp-r-v-head-dim", families="R"),
     Setting("model.recurrent.conv_kernel", "--megacpp-r-conv-kernel", families="R"),
     Setting("model.recurrent.backward_chunk", "--megacpp-r-backward-chunk", families="R"),
+    Setting("model.recurrent.qk_heads", "--megacpp-r-qk-heads", families="R"),
+    Setting("model.recurrent.in_proj_order", "--megacpp-r-in-proj-order", families="R"),
+    Setting("model.recurrent.skip_scale", "--megacpp-r-skip-scale", families="R"),
+    Setting("model.recurrent.norm", "--megacpp-r-norm", families="R"),
+    Setting("model.recurrent.proj_init", "--megacpp-r-proj-init", families="R"),
+    Setting("model.recurrent.forget_bf16", "--megacpp-r-forget-bf16", families="R",
+            emit=_bool_value_flags("--megacpp-r-forget-bf16"), register=False,
+            read_args=lambda a: a.megacpp_r_forget_bf16 == "true"),
     # ---- G: Gated DeltaNet
     Setting("model.gdn.num_key_heads", "--linear-num-key-heads", families="G",
             config={"linear_num_key_heads": _same}),
@@ -560,6 +700,9 @@ def value_problem(key: str, value: Any) -> str | None:
     Integers must be >= 1 and numbers finite unless the row's check says otherwise;
     booleans, strings and nulls have no range (their types are checked by the dataclass).
     """
+    key = re.sub(r"\[\d+\]$", "", key)  # an item of a list setting: the list's rule
+    if isinstance(value, tuple):
+        return next(filter(None, (value_problem(key, v) for v in value)), None)
     if isinstance(value, bool) or value is None or not isinstance(value, int | float):
         return None
     row = BY_KEY.get(key)
@@ -576,6 +719,7 @@ def value_problem(key: str, value: Any) -> str | None:
 
 
 __all__ = [
+    "AUTO_HEADS",
     "BY_KEY",
     "FIXED",
     "PLUGIN_FLAG_PREFIX",

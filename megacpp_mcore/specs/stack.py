@@ -26,14 +26,15 @@ from megacpp_mcore.backend import BackendPlan
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layers.norm import LocalNorm
 from megacpp_mcore.layout import Layout
+from megacpp_mcore.settings.attention import used_variants
 from megacpp_mcore.settings.config import ModelConfig
-from megacpp_mcore.specs.attention import attention_layer_spec
+from megacpp_mcore.specs.attention import VARIANT_SLOTS, attention_layer_spec
 from megacpp_mcore.specs.gdn import gdn_layer_spec
 from megacpp_mcore.specs.mamba import mamba_layer_spec
 from megacpp_mcore.specs.mlp import mlp_layer_spec
 from megacpp_mcore.specs.moe import moe_layer_spec
 from megacpp_mcore.specs.recurrent import recurrent_layer_spec
-from megacpp_mcore.symbols import PLUGIN_SYMBOLS
+from megacpp_mcore.symbols import ATTENTION_SYMBOLS, PLUGIN_SYMBOLS, VARIANT_SYMBOLS
 
 
 @dataclass
@@ -118,7 +119,10 @@ def _build_layers(config, submodules, letters, symbols, offset, pg_collection, i
     layers = torch.nn.ModuleList()
     for i, (letter, symbol) in enumerate(zip(letters, symbols, strict=True)):
         number = offset + i + 1
-        if PLUGIN_SYMBOLS[letter] != symbol:
+        slot = _SLOTS[letter]
+        if letter == "A" and symbol in ATTENTION_SYMBOLS:  # the variant travels as the symbol
+            slot = VARIANT_SLOTS[next(v for v, s in VARIANT_SYMBOLS.items() if s == symbol)]
+        elif PLUGIN_SYMBOLS[letter] != symbol:
             raise SpecError(
                 f"layer {number}: the layout says {letter!r} (Megatron symbol "
                 f"{PLUGIN_SYMBOLS[letter]!r}) but HybridModel's pattern has {symbol!r}; the "
@@ -135,7 +139,7 @@ def _build_layers(config, submodules, letters, symbols, offset, pg_collection, i
             kwargs["add_layer_offset"] = False
         if letter == "A":
             kwargs.update(is_mtp_layer=is_mtp, pp_layer_offset=offset)
-        layers.append(build_module(getattr(submodules, _SLOTS[letter]), **kwargs))
+        layers.append(build_module(getattr(submodules, slot), **kwargs))
     return layers
 
 
@@ -177,7 +181,8 @@ def build_stack_submodules(layout: Layout, model: ModelConfig,
             "its layers by Megatron symbol, and R has none. Keep R in the main pattern.")
     sub = MegacppStackSubmodules()
     if layout.has("A"):
-        sub.attention_layer = attention_layer_spec(backend)
+        for variant in used_variants(layout, model.attention):
+            setattr(sub, VARIANT_SLOTS[variant], attention_layer_spec(backend, variant))
     if layout.has("E"):
         sub.moe_layer = moe_layer_spec(backend, model.moe.num_experts, model.moe.grouped_gemm)
     if layout.has("M"):

@@ -20,8 +20,14 @@ Conventions (the same for every family):
 
 Per family, forward FLOPs per token (h = hidden size, s = sequence length):
 
-A  attention (GQA; nq heads, ng query groups, head dim d)
+A  attention, per position as built (model.attention):
+   gqa (nq heads, ng query groups, head dim d)
      QKV projection 2*h*(nq*d + 2*ng*d) + core 2*s*nq*d (causal, halved) + output 2*nq*d*h
+   mla (q/kv LoRA ranks qr/kvr, qk dim dqk + rope dim dr, v dim dv): q down/up
+     2*(h*qr + qr*nq*(dqk+dr)), kv down 2*h*(kvr+dr), kv up 2*kvr*nq*(dqk+dv), core over
+     s/2 keys 2*(s/2)*nq*(dqk+dr+dv), output 2*nq*dv*h
+   dsa: mla with the core over the top-k keys each query attends, plus the indexer
+     (see ``dsa_flops``)
 F  dense MLP: swiglu 2*h*ffn*3 (gate, up, down); squared_relu / gelu 2*h*ffn*2
 E  MoE: router 2*h*num_experts + top_k x MLP(moe ffn) + shared-expert MLP(shared ffn);
      experts use the model's activation, like F
@@ -33,9 +39,10 @@ M  Mamba-2 (Megatron MambaMixer; nheads, headdim P, d_inner = nheads*P, ngroups 
      multiply-adds per state element, 2*2*P*N, and the readout y = C . h, 2*P*N:
      6 * d_inner * N in all
      out_proj 2*d_inner*h
-R  recurrent (M2RNN; H heads, K = k_head_dim, V = v_head_dim, conv width w)
-     in_proj 2*h*H*(2K + 2V + 1) (q, k, v, gate g, forget f)
-     depthwise conv 2*w*H*(2K + V) (over q, k, v)
+R  recurrent (M2RNN; H heads, K = k_head_dim, V = v_head_dim, conv width w; QK = H*K, or
+   K when q and k are one head shared by all heads, as the layer builds them)
+     in_proj 2*h*(2*QK + 2*H*V + H) (q, k, v, gate g, forget f)
+     depthwise conv 2*w*(2*QK + H*V) (over q, k, v)
      recurrence per head: h @ W 2*K*V*V, outer product k (x) v K*V, gate blend
      f*h + (1-f)*h_new counted as 3*K*V elementwise, readout q . h 2*K*V:
      H*(2*K*V*V + 6*K*V)
@@ -66,6 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megacpp_mcore.layout import FAMILIES, Layout
+from megacpp_mcore.settings.attention import a_variants, mtp_variant
 from megacpp_mcore.settings.config import ModelConfig
 
 #: training FLOPs = this x forward FLOPs (forward + backward, no recompute).
@@ -101,6 +109,49 @@ def attention_flops(model: ModelConfig, seq_length: int | None = None) -> float:
     core = 2.0 * 2.0 * s * nq * d / 2  # QK^T and AV, causal half
     out = 2.0 * nq * d * h
     return qkv + core + out
+
+
+def mla_flops(model: ModelConfig, seq_length: int | None = None,
+              keys_per_query: float | None = None) -> float:
+    """A (mla): Megatron's MLA projections + causal core + output, per token.
+
+    ``keys_per_query`` replaces the causal core's average of s/2 keys (DSA attends top-k).
+    """
+    mla, h, nq = model.attention.mla, model.hidden_size, model.num_attention_heads
+    s = model.seq_length if seq_length is None else seq_length
+    dqk, dr, dv = mla.qk_head_dim, mla.qk_pos_emb_head_dim, mla.v_head_dim
+    qr, kvr = mla.q_lora_rank, mla.kv_lora_rank
+    q = 2.0 * h * nq * (dqk + dr) if qr is None else 2.0 * (h * qr + qr * nq * (dqk + dr))
+    kv = 2.0 * h * (kvr + dr) + 2.0 * kvr * nq * (dqk + dv)
+    keys = s / 2 if keys_per_query is None else keys_per_query
+    core = 2.0 * keys * nq * (dqk + dr) + 2.0 * keys * nq * dv
+    return q + kv + core + 2.0 * nq * dv * h
+
+
+def dsa_flops(model: ModelConfig, seq_length: int | None = None) -> float:
+    """A (dsa): MLA with each query attending its top-k keys, plus the indexer, per token.
+
+    Indexer (Megatron's DSAIndexer): q from the query latent (or hidden without one)
+    2*r*ih*id, k 2*h*id, head weights 2*h*ih, causal scores over s/2 keys 2*(s/2)*ih*id.
+    Core: a query at position t attends min(top_k, t) keys; averaged over t = 1..s that
+    is s/2 when top_k >= s, else top_k - top_k^2 / (2 s).
+    """
+    dsa, h = model.attention.dsa, model.hidden_size
+    s = model.seq_length if seq_length is None else seq_length
+    k = dsa.top_k
+    keys = s / 2 if k >= s else k - k * k / (2 * s)
+    r = model.attention.mla.q_lora_rank or h
+    ih, idim = dsa.indexer_heads, dsa.indexer_head_dim
+    indexer = 2.0 * r * ih * idim + 2.0 * h * idim + 2.0 * h * ih + 2.0 * (s / 2) * ih * idim
+    return mla_flops(model, seq_length, keys_per_query=keys) + indexer
+
+
+#: attention variant -> forward FLOPs per token of an A layer of that variant.
+VARIANT_FLOPS: dict[str, Callable[[ModelConfig, int | None], float]] = {
+    "gqa": attention_flops,
+    "mla": mla_flops,
+    "dsa": dsa_flops,
+}
 
 
 def mlp_flops(model: ModelConfig, seq_length: int | None = None) -> float:
@@ -144,9 +195,10 @@ def mamba_flops(model: ModelConfig, seq_length: int | None = None) -> float:
 def recurrent_flops(model: ModelConfig, seq_length: int | None = None) -> float:
     """R: M2RNN in_proj + conv + matrix-state recurrence + out_proj, per token."""
     r, h = model.recurrent, model.hidden_size
-    H, K, V = r.num_heads, r.k_head_dim, r.v_head_dim
-    in_proj = 2.0 * h * H * (2 * K + 2 * V + 1)
-    conv = 2.0 * r.conv_kernel * H * (2 * K + V)
+    H, K, V = r.heads(h), r.k_head_dim, r.v_head_dim
+    QK = K if r.qk_heads == "shared" else H * K  # q and k widths: shared, or per head
+    in_proj = 2.0 * h * (2 * QK + 2 * H * V + H)
+    conv = 2.0 * r.conv_kernel * (2 * QK + H * V)
     state_matmul = 2.0 * K * V * V  # h @ W
     outer = 1.0 * K * V  # k (x) v
     blend = 3.0 * K * V  # f * h + (1 - f) * h_new
@@ -234,12 +286,17 @@ def flops_breakdown(
     per_letter = {
         letter: n * layer_flops(letter, model, seq_length)
         for letter, n in layout.counts.items()
-        if n
+        if n and letter != "A"
     }
+    if layout.has("A"):  # each A position counted as the variant it is built as
+        per_letter["A"] = sum(VARIANT_FLOPS[v](model, seq_length)
+                              for v in a_variants(layout, model.attention).values())
     output = output_layer_flops(model, vocab_size)
+    mtp_a = VARIANT_FLOPS[mtp_variant(model.attention)](model, seq_length)
     mtp = 0.0
     for part in layout.mtp:
-        mtp += sum(layer_flops(letter, model, seq_length) for letter in part)
+        mtp += sum(mtp_a if letter == "A" else layer_flops(letter, model, seq_length)
+                   for letter in part)
         mtp += mtp_projection_flops(model) + output
     return FlopsBreakdown(per_letter=per_letter, output=output, mtp=mtp)
 
