@@ -96,6 +96,8 @@ def test_nam56r_is_the_seed_model():
     assert [n for n, v in variants.items() if v == "dsa"] == [5, 9, 13, 21, 25, 29, 37, 41, 45]
     assert (m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
         4096, 21504, 32, None)
+    assert (m.mamba.variant, m.mamba.mimo, m.mamba.mimo_rank, m.mamba.chunk_size) == (
+        "mamba3", True, 4, 16)
     assert (m.moe.num_experts, m.moe.top_k, m.moe.ffn_hidden_size,
             m.moe.shared_expert_ffn_hidden_size, m.moe.aux_loss_coeff) == (16, 4, 896, 1024, 0.0)
     assert m.activation == "gelu" and m.moe.router_dtype == "fp32"

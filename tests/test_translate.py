@@ -36,6 +36,9 @@ from megacpp_mcore.settings.recipe import known_recipes, load_recipe
 from megacpp_mcore.settings.table import FIXED, SETTINGS
 from tests.megatron_helpers import megatron_parse
 
+#: stock Megatron has no Mamba-3: the native NAM56R runs Mamba-2 at Megatron's chunk size
+MAMBA2 = ["model.mamba.variant=mamba2", "model.mamba.chunk_size=128"]
+
 arguments = pytest.importorskip("megatron.training.arguments")
 
 #: Megatron's own parser passes type= to a BooleanOptionalAction (deprecated in Python 3.12)
@@ -137,9 +140,9 @@ def check(name, target, overrides=()):
     [
         # --moe-permute-fusion needs TE >= 2.1 in TransformerConfig (absent on CPU CI)
         ("nam56r", "plugin", ["model.moe.permute_fusion=false"]),
-        ("nam56r", "native", ["r_lowering=M", "model.moe.permute_fusion=false"]),
+        ("nam56r", "native", ["r_lowering=M", "model.moe.permute_fusion=false", *MAMBA2]),
         ("nam56r_quarter", "plugin", []),
-        ("nam56r_quarter", "native", ["r_lowering=M"]),
+        ("nam56r_quarter", "native", ["r_lowering=M", *MAMBA2]),
         ("nam56r_lite", "plugin", []),
         ("nam56r_lite", "native", ["r_lowering=M"]),
         ("nam52", "native", []),
@@ -154,6 +157,7 @@ def test_megatron_accepts_shipped_recipes(name, target, overrides):
     check(name, target, overrides)
 
 
+
 def native_overrides(name):
     """What makes a shipped recipe translatable for stock Megatron-LM: R lowered to M and
     the embedded corpus (plugin-only) replaced by mock data."""
@@ -161,6 +165,8 @@ def native_overrides(name):
     overrides = ["r_lowering=M"] if recipe.layout.has("R") else []
     if recipe.data.source == "embedded":
         overrides += ["data.source=mock", "data.tokenizer=null"]
+    if recipe.layout.has("M") and recipe.model.mamba.variant == "mamba3":
+        overrides += MAMBA2
     if recipe.layout.has("E") and recipe.model.moe.permute_fusion:
         # Megatron's config check wants Transformer Engine >= 2.1 for it (no TE on CPU)
         overrides += ["model.moe.permute_fusion=false"]
@@ -464,11 +470,20 @@ def test_cli_shell_script_is_valid_bash(capsys, tmp_path, name, target):
 # --------------------------------------------------------------------------- NAM56R as the seed
 
 
+def test_nam56r_native_refuses_mamba3_naming_the_way_out():
+    """Stock Megatron-LM 0.19.2 has no Mamba-3: the seed's M is refused, never remapped."""
+    with pytest.raises(TranslateError) as info:
+        translate(load_recipe("nam56r", ["r_lowering=M", "model.moe.permute_fusion=false"]),
+                  "native")
+    assert "model.mamba.variant (mamba3)" in str(info.value)
+    assert "--target plugin" in str(info.value)
+
+
 def test_nam56r_native_is_the_seed_model():
     """Done-when of issue 12: stock Megatron accepts the native NAM56R with '+' at layers
     1/17/33/49, 'D' at the other nine A positions, MLA flags, MTP depth 2, the seed's MoE."""
-    plan = translate(load_recipe("nam56r", ["r_lowering=M", "model.moe.permute_fusion=false"]),
-                     "native")
+    plan = translate(load_recipe("nam56r", ["r_lowering=M", "model.moe.permute_fusion=false",
+                                            *MAMBA2]), "native")
     main_pattern, *mtp = plan.megatron_pattern.split("/")
     a_layers = [n for n, c in enumerate(main_pattern, start=1) if c in "*+D"]
     assert [n for n in a_layers if main_pattern[n - 1] == "+"] == [1, 17, 33, 49]
@@ -493,7 +508,7 @@ def test_nam56r_native_is_the_seed_model():
 
 def test_cli_translates_nam56r_native_with_r_lowering(capsys):
     assert main(["translate", "nam56r", "--target", "native", "--set", "r_lowering=M",
-                 "--format", "json"]) == 0
+                 *[x for s in MAMBA2 for x in ("--set", s)], "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["pattern"]["megatron"].startswith("+EMED") and data["mtp_depths"] == 2
     assert [x["to"] for x in data["lowerings"]] == ["M"] * 4
