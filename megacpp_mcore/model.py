@@ -9,7 +9,9 @@ project's stack spec. Megatron's model-parallel state must be initialised first 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +59,13 @@ def transformer_config(
     precision: PrecisionConfig,
     parallel: ParallelConfig,
     plan: BackendPlan,
+    overrides: Mapping[str, Any] | None = None,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for these settings (only the families in use)."""
+    """Megatron's TransformerConfig for these settings (only the families in use).
+
+    ``overrides`` sets stock ``TransformerConfig`` fields the typed settings do not cover
+    (the benchmark's tuned columns, e.g. ``moe_router_fusion``); they win over the above.
+    """
     activation, gated = ACTIVATIONS[model.activation]
     kwargs = dict(
         num_layers=layout.depth,
@@ -126,6 +133,7 @@ def transformer_config(
             linear_num_key_heads=gdn.num_key_heads,
             linear_num_value_heads=gdn.num_value_heads,
         )
+    kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
 
 
@@ -139,12 +147,14 @@ def build_model(
     sequence_parallel: bool = False,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> HybridModel:
     """A Megatron ``HybridModel`` for ``layout`` with ``model``'s sizes.
 
     The parallel split is Megatron's current one (``sequence_parallel`` as asked). The model
     carries the dispatcher's record as ``model.backend_record`` (what each family asked for
-    and what was built).
+    and what was built). ``overrides``: stock TransformerConfig fields to set on top (see
+    :func:`transformer_config`).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -156,7 +166,7 @@ def build_model(
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
     plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
-    config = transformer_config(layout, model, precision, parallel, plan)
+    config = transformer_config(layout, model, precision, parallel, plan, overrides)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(
