@@ -385,16 +385,18 @@ class StepRunner:
                  vocab: int, seed: int, flops_per_token: float):
         self.name, self.model, self.micro_batch = name, model, micro_batch
         self.seq, self.vocab = seq, vocab
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(model.parameters(), fused=True, **ADAMW)
-        self.generator = torch.Generator(device="cuda").manual_seed(seed)
-        self.positions = torch.arange(seq, device="cuda").expand(micro_batch, seq)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.positions = torch.arange(seq, device=self.device).expand(micro_batch, seq)
         self.result = RunResult(name, micro_batch * seq, flops_per_token)
         self.graphs = None  # a TECudaGraphHelper once captured
         self.model.train()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.randint(0, self.vocab, (self.micro_batch, self.seq + 1), device="cuda",
-                               generator=self.generator)
+        tokens = torch.randint(0, self.vocab, (self.micro_batch, self.seq + 1),
+                               device=self.device, generator=self.generator)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -405,8 +407,14 @@ class StepRunner:
         return loss
 
     def timed_step(self) -> tuple[float, float, float, torch.Tensor]:
-        """(wall ms, host-issue ms, CUDA-event span ms, loss) of one step."""
+        """(wall ms, host-issue ms, CUDA-event span ms, loss) of one step (on CPU, where
+        the bench runs only in tests, the span is the wall time)."""
         tokens, labels = self.batch()
+        if not self.cuda:
+            t0 = time.perf_counter()
+            loss = self.step(tokens, labels)
+            wall = (time.perf_counter() - t0) * 1e3
+            return wall, wall, wall, loss
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -424,9 +432,10 @@ class StepRunner:
             *_, loss = self.timed_step()
         if self.graphs is None and self.model.config.cuda_graph_impl == "transformer_engine":
             self.capture_graphs()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated() - resident_bytes(self.model, self.optimizer)
-        torch.cuda.reset_peak_memory_stats()
+        if self.cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated() - resident_bytes(self.model, self.optimizer)
+            torch.cuda.reset_peak_memory_stats()
         timing = RoundTiming([], [], [])
         for _ in range(steps):
             wall, host, span, loss = self.timed_step()
@@ -436,8 +445,9 @@ class StepRunner:
         final = loss.item()
         if not math.isfinite(final):
             raise BenchError(f"{self.name}: non-finite loss {final}")
-        self.result.peak_bytes = max(self.result.peak_bytes,
-                                     torch.cuda.max_memory_allocated() - base)
+        if self.cuda:
+            self.result.peak_bytes = max(self.result.peak_bytes,
+                                         torch.cuda.max_memory_allocated() - base)
         self.result.rounds.append(timing)
 
     def capture_graphs(self) -> None:
@@ -498,8 +508,9 @@ def tuned_overrides(settings: BenchSettings, layout: Layout) -> dict[str, Any]:
     return out
 
 
-def _free(*objs) -> None:
-    del objs
+def _release(runners: list) -> None:
+    """Drop the runs' models and optimizers and return their memory before the next group."""
+    runners.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -509,14 +520,18 @@ class Bench:
     """One benchmark session: builds, checks, alternates, reports (see the module doc)."""
 
     def __init__(self, layout: Layout, model: ModelConfig, precision: PrecisionConfig,
-                 micro_batch: int, settings: BenchSettings, log: Log = print):
+                 micro_batch: int, settings: BenchSettings, log: Log = print,
+                 device: str = "cuda"):
         self.layout, self.model, self.precision = layout, model, precision
         self.micro_batch, self.settings, self.log = micro_batch, settings, log
+        self.device = torch.device(device)
         self.vocab = padded_vocab_size(model.vocab_size, 1)
         self.report: dict[str, Any] = {"loss_checks": [], "errors": []}
 
     # ---- building
     def build(self, spec: Spec) -> torch.nn.Module:
+        if self.device.type == "cpu":
+            return self._build_on_cpu(spec)
         if spec.native:
             model = build_native(spec.layout, self.model, self.precision,
                                  overrides=spec.overrides)
@@ -524,16 +539,33 @@ class Bench:
         return build_model(spec.layout, self.model, backend=self.settings.backend,
                            precision=self.precision, overrides=spec.overrides).cuda()
 
+    def _build_on_cpu(self, spec: Spec) -> torch.nn.Module:
+        """The CPU stand-in used by the tests: Megatron's own hybrid stack needs Transformer
+        Engine, so "native" is Megatron's HybridModel with native_config over the plugin's
+        local stack spec (the session's logic runs; its timings mean nothing)."""
+        from megacpp_mcore.backend import resolve_backend
+        from megacpp_mcore.cpu_support import adapt_model_for_cpu
+        from megacpp_mcore.specs.stack import build_stack_spec
+
+        if not spec.native:
+            return build_model(spec.layout, self.model, backend="local",
+                               precision=self.precision, overrides=spec.overrides)
+        plan = resolve_backend("local", spec.layout, moe_dispatcher=self.model.moe.token_dispatcher)
+        model = build_native(spec.layout, self.model, self.precision,
+                             overrides={**spec.overrides, "use_cpu_initialization": True},
+                             stack_spec=build_stack_spec(spec.layout, self.model, plan))
+        return adapt_model_for_cpu(model)
+
     def runner(self, spec: Spec, model: torch.nn.Module) -> StepRunner:
         flops = model_flops_per_token(spec.layout, self.model, vocab_size=self.vocab)
         return StepRunner(spec.name, model, spec.micro_batch, self.model.seq_length,
                           self.model.vocab_size, self.settings.seed, flops)
 
     def check_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator(device="cuda").manual_seed(self.settings.seed + 1)
+        gen = torch.Generator(device=self.device).manual_seed(self.settings.seed + 1)
         tokens = torch.randint(0, self.model.vocab_size,
-                               (self.micro_batch, self.model.seq_length + 1), device="cuda",
-                               generator=gen)
+                               (self.micro_batch, self.model.seq_length + 1),
+                               device=self.device, generator=gen)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def build_group(self, specs: list[Spec], check: bool) -> list[StepRunner]:
@@ -570,9 +602,12 @@ class Bench:
         self.report["errors"].append(message)
 
     def alternate(self, runners: list[StepRunner], rounds: int) -> None:
+        """Every run once per round; the order rotates each round so no run always goes
+        first (or right after the same neighbour)."""
         s = self.settings
         for r in range(rounds):
-            for runner in runners:
+            shift = r % max(1, len(runners))
+            for runner in runners[shift:] + runners[:shift]:
                 if runner.result.error:
                     continue
                 try:
@@ -584,7 +619,7 @@ class Bench:
                     runner.result.error = f"{type(err).__name__}: {err}"[:2000]
                     self.fail(runner.name, err)
         for runner in runners:
-            if s.profile_steps and not runner.result.error:
+            if s.profile_steps and runner.cuda and not runner.result.error:
                 try:
                     runner.profile_busy(s.profile_steps)
                 except Exception as err:
@@ -632,7 +667,7 @@ class Bench:
         runners = self.build_group(specs, check=True)
         self.alternate(runners, self.settings.rounds)
         results = [r.result for r in runners]
-        _free(runners)
+        _release(runners)
         return results
 
     def run_families(self) -> dict[str, list[RunResult]]:
@@ -645,14 +680,14 @@ class Bench:
             runners = self.build_group(specs, check=False)
             self.alternate(runners, s.family_rounds)
             out[letter] = [r.result for r in runners]
-            _free(runners)
+            _release(runners)
         return out
 
 
 def ratios(results: list[RunResult]) -> dict[str, Spread]:
     """Per-round tok/s ratios: plugin runs over native, and the R-mode comparisons."""
-    by = {r.name: r for r in results if r.rounds and len(r.rounds) == max(
-        len(x.rounds) for x in results)}
+    most = max((len(r.rounds) for r in results), default=0)
+    by = {r.name: r for r in results if r.rounds and len(r.rounds) == most}
     pairs = [("plugin / native", "plugin", "native"),
              ("plugin_tuned / native", "plugin_tuned", "native"),
              ("plugin_tuned / native_tuned", "plugin_tuned", "native_tuned"),
@@ -692,24 +727,29 @@ TARGETS: dict[str, tuple[float, bool]] = {
 
 
 def run_bench(layout: Layout, model: ModelConfig, precision: PrecisionConfig, micro_batch: int,
-              settings: BenchSettings, log: Log = print) -> dict[str, Any]:
-    """Build, check and time everything; the report (plain JSON-ready data)."""
+              settings: BenchSettings, log: Log = print, device: str = "cuda"
+              ) -> dict[str, Any]:
+    """Build, check and time everything; the report (plain JSON-ready data).
+
+    ``device="cpu"`` runs the whole session on CPU with local modules: only the tests do
+    that, to exercise the session end to end; its timings mean nothing.
+    """
     from megacpp_mcore.train.flops import peak_tflops
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("megacpp bench times training steps on a CUDA GPU and none is visible "
                          "here (the CPU tests cover its building, weight mapping and loss "
                          "check)")
     started = time.time()
-    device = torch.cuda.get_device_name()
-    peak = peak_tflops(device, settings.peak_tflops)
-    bench = Bench(layout, model, precision, micro_batch, settings, log)
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = peak_tflops(card, settings.peak_tflops)
+    bench = Bench(layout, model, precision, micro_batch, settings, log, device)
     main = bench.run_main()
     families = bench.run_families()
     spreads = {**ratios(main), **r_costs(main)}
     report = bench.report
     report.update(
-        device=device,
+        device=card,
         peak_tflops=peak,
         layout=layout.canonical,
         micro_batch=micro_batch,
