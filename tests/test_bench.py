@@ -313,3 +313,19 @@ def test_a_whole_session_runs_on_cpu_and_reports_everything(megatron_single_proc
     assert "plugin / native" in text and "target >= 1.00" in text
     assert "A native" not in text and "\nE " in text  # family rows by letter
     json.dumps(jsonable(report))
+
+
+def test_a_spent_time_budget_ends_the_session_after_whole_rounds(megatron_single_process):
+    from megacpp_mcore.train.bench import render, run_bench
+
+    settings = BenchSettings(rounds=3, warmup=0, steps=1, runs=("plugin",), families="A",
+                             router_fusion=False, profile_steps=0, backend="local",
+                             budget_s=0.0)
+    report = run_bench(parse_pattern("AF"), cpu_config(), FP32, 1, settings,
+                       log=lambda _: None, device="cpu")
+    assert [r["name"] for r in report["runs"]] == ["native", "plugin"]  # native lends weights
+    assert all(len(r["round_step_ms"]) == 1 for r in report["runs"])
+    assert report["skipped"] == ["rounds 2..3 of native, plugin", "family A"]
+    assert report["families"] == {}
+    assert len(report["ratios"]["plugin / native"]["ratios"]) == 1
+    assert "SKIPPED (time budget) family A" in render(report)

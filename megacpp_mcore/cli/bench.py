@@ -56,6 +56,7 @@ def settings_from_args(args: argparse.Namespace):
         peak_tflops=args.peak_tflops,
         backend=args.backend,
         seed=args.seed,
+        budget_s=args.budget_s if args.budget_s is not None else float("inf"),
         **base,
     )
 
@@ -151,6 +152,9 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("te", "auto", "local"), default="te",
                    help="the plugin's backend (default te)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--budget-s", type=float,
+                   help="start no new round or family after this many seconds (the report "
+                   "is still printed); e.g. 420 inside a 10-minute job")
     p.add_argument("--json", metavar="PATH", help="write the report (JSON) here")
     p.add_argument("--print-json", action="store_true", help="also print the JSON report")
     p.set_defaults(handler=_cmd_bench)

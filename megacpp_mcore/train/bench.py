@@ -94,6 +94,8 @@ class BenchSettings:
         peak_tflops: the card's dense BF16 peak for MFU (None: from the card's name).
         backend: the plugin's backend (te, or auto/local).
         seed: model initialisation and token seed.
+        budget_s: wall-clock seconds after which no new round or family starts (the
+            session ends cleanly, with a report, inside a job's time limit).
     """
 
     rounds: int = 5
@@ -113,6 +115,7 @@ class BenchSettings:
     peak_tflops: float | None = None
     backend: str = "te"
     seed: int = 1234
+    budget_s: float = float("inf")
 
     def __post_init__(self) -> None:
         problems = []
@@ -474,9 +477,13 @@ class StepRunner:
                 self.step(tokens, labels)
             torch.cuda.synchronize()
         events = prof.events()
+        # device activity: kernels, memcpys, memsets (not the GPU-side copies of
+        # record_function ranges, which span idle time too)
         device = [(e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == DeviceType.CUDA]
-        launches = sum(1 for e in events if "LaunchKernel" in e.name)
+                  if e.device_type != DeviceType.CPU
+                  and not getattr(e, "is_user_annotation", False)]
+        launches = sum(1 for e in events if e.device_type == DeviceType.CPU
+                       and e.name.startswith(("cudaLaunch", "cuLaunch")))
         self.result.busy_ms = union_length(device) / 1e3 / steps
         self.result.launches_per_step = launches / steps
 
@@ -526,7 +533,16 @@ class Bench:
         self.micro_batch, self.settings, self.log = micro_batch, settings, log
         self.device = torch.device(device)
         self.vocab = padded_vocab_size(model.vocab_size, 1)
-        self.report: dict[str, Any] = {"loss_checks": [], "errors": []}
+        self.report: dict[str, Any] = {"loss_checks": [], "errors": [], "skipped": []}
+        self.started = time.time()
+
+    def over_budget(self, what: str) -> bool:
+        """True (and recorded) once the session's time budget is spent."""
+        if time.time() - self.started <= self.settings.budget_s:
+            return False
+        self.log(f"time budget of {self.settings.budget_s:.0f} s spent: skipping {what}")
+        self.report["skipped"].append(what)
+        return True
 
     # ---- building
     def build(self, spec: Spec) -> torch.nn.Module:
@@ -606,6 +622,9 @@ class Bench:
         first (or right after the same neighbour)."""
         s = self.settings
         for r in range(rounds):
+            if r and self.over_budget(f"rounds {r + 1}..{rounds} of "
+                                      + ", ".join(x.name for x in runners)):
+                break
             shift = r % max(1, len(runners))
             for runner in runners[shift:] + runners[:shift]:
                 if runner.result.error:
@@ -673,6 +692,8 @@ class Bench:
     def run_families(self) -> dict[str, list[RunResult]]:
         s, out = self.settings, {}
         for letter in s.families:
+            if self.over_budget(f"family {letter}"):
+                continue
             layout = parse_pattern(letter * s.family_depth)
             specs = [Spec(f"{letter} plugin", layout, False, {}, self.micro_batch)]
             if letter != "R":
@@ -768,7 +789,8 @@ def run_bench(layout: Layout, model: ModelConfig, precision: PrecisionConfig, mi
 def render(report: dict[str, Any]) -> str:
     """The report as text: the runs table, the ratios with their spread, the families."""
     s = report["settings"]
-    lines = [f"{report['device']}, peak {report['peak_tflops']} TFLOP/s (dense BF16); "
+    peak = report["peak_tflops"]
+    lines = [f"{report['device']}, peak {peak or 'unknown'} TFLOP/s (dense BF16); "
              f"{report['layout']} ({len(report['layout'])} layers), micro-batch "
              f"{report['micro_batch']}; {s['rounds']} rounds x ({s['warmup']} warm-up + "
              f"{s['steps']} timed) steps, medians", ""]
@@ -791,6 +813,8 @@ def render(report: dict[str, Any]) -> str:
               "step (until its last call returns, syncs inside included); span = CUDA events "
               "around the step (idle gaps included); busy = union of GPU kernel time "
               "(profiler); peak = this model's own peak memory"]
+    for what in report.get("skipped", []):
+        lines.append("SKIPPED (time budget) " + what)
     for err in report["errors"]:
         lines.append("ERROR " + err)
     return "\n".join(lines)
