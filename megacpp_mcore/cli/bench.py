@@ -80,6 +80,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise BenchError(f"{recipe.where}: megacpp bench times one stage without MTP; the "
                          f"pattern {recipe.pattern!r} has '|' or '/'")
 
+    import torch
+
+    if not torch.cuda.is_available():  # before any process group exists
+        raise BenchError("megacpp bench times training steps on a CUDA GPU and none is "
+                         "visible here (the CPU tests cover its building, weight mapping and "
+                         "loss check)")
     from megacpp_mcore.distributed import destroy_process_groups, init_process_groups
 
     init_process_groups(seed=settings.seed)
