@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,12 +26,13 @@ from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import Layout
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import size_problems
+from megacpp_mcore.settings.table import FIXED, SETTINGS
 from megacpp_mcore.specs.stack import build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACTIVATIONS = {"swiglu": (F.silu, True), "squared_relu": (squared_relu, False),
-               "gelu": (F.gelu, False)}
+#: activation name (model.activation) -> Megatron's activation function
+ACTIVATIONS = {"swiglu": F.silu, "squared_relu": squared_relu, "gelu": F.gelu}
 VOCAB_MULTIPLE = 128  # Megatron's --make-vocab-size-divisible-by default
 
 
@@ -61,78 +63,37 @@ def transformer_config(
     plan: BackendPlan,
     overrides: Mapping[str, Any] | None = None,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for these settings (only the families in use).
+    """Megatron's TransformerConfig for these settings, from the settings table.
 
-    ``overrides`` sets stock ``TransformerConfig`` fields the typed settings do not cover
-    (the benchmark's tuned columns, e.g. ``moe_router_fusion``); they win over the above.
+    Every row with a ``config`` field whose families the layout uses contributes its
+    field(s), then the table's fixed fields (fusions and the like, GPU-only kernels off on
+    CPU): the same values Megatron's launcher derives from the translated flags.
+    ``overrides`` sets stock ``TransformerConfig`` fields the settings do not cover (the
+    benchmark's tuned runs, e.g. ``moe_router_fusion``); they win over the above.
     """
-    activation, gated = ACTIVATIONS[model.activation]
-    kwargs = dict(
+    root = SimpleNamespace(model=model, precision=precision, parallel=parallel)
+    letters = layout.letters + "".join(layout.mtp)
+    kwargs: dict = {}
+    for row in SETTINGS:
+        if row.config and row.key.partition(".")[0] in ("model", "precision", "parallel") and (
+                row.used_by(letters)):
+            value = row.value(root)
+            kwargs.update({name: make(value, root) for name, make in row.config.items()})
+    kwargs.update({fixed.config: fixed.value(root, plan.cuda) for fixed in FIXED})
+    kwargs["activation_func"] = ACTIVATIONS[kwargs["activation_func"]]
+    kwargs["params_dtype"] = DTYPES[kwargs["params_dtype"]]
+    if layout.has("E"):
+        # the dispatcher may swap alltoall for allgather without CUDA (recorded in the plan)
+        kwargs["moe_token_dispatcher_type"] = plan.path("E")
+    kwargs.update(
         num_layers=layout.depth,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        kv_channels=model.head_dim,
-        init_method_std=model.init_std,
-        normalization=model.normalization,
-        layernorm_epsilon=model.norm_epsilon,
-        activation_func=activation,
-        gated_linear_unit=gated,
-        add_bias_linear=False,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        params_dtype=DTYPES[precision.params_dtype],
-        bf16=precision.params_dtype == "bf16",
-        fp16=precision.params_dtype == "fp16",
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        expert_model_parallel_size=parallel.expert,
-        context_parallel_size=parallel.context,
-        sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not plan.cuda,
         transformer_impl="transformer_engine" if plan.built == "te" else "local",
         # Megatron scales output-layer init by the layer count; a hybrid layer is one block
         # (mixer or MLP), not two, which is what is_hybrid_model tells it.
         is_hybrid_model=True,
         mtp_num_layers=layout.mtp_depth or None,
-        # Fusions that need apex or CUDA-only kernels; the unfused paths compute the same.
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=plan.cuda,
-        bias_activation_fusion=plan.cuda,
-        apply_rope_fusion=False,
     )
-    if layout.has("E"):
-        moe = model.moe
-        kwargs.update(
-            num_moe_experts=moe.num_experts,
-            moe_router_topk=moe.top_k,
-            moe_ffn_hidden_size=moe.ffn_hidden_size,
-            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-            moe_router_load_balancing_type=moe.router_load_balancing,
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
-            moe_router_score_function=moe.router_score_function,
-            moe_grouped_gemm=moe.grouped_gemm,
-            moe_token_dispatcher_type=plan.path("E"),
-        )
-    if layout.has("M"):
-        kwargs.update(
-            mamba_state_dim=model.mamba.state_dim,
-            mamba_head_dim=model.mamba.head_dim,
-            mamba_num_groups=model.mamba.num_groups,
-            mamba_num_heads=model.mamba_heads,
-        )
-    if layout.has("G"):
-        gdn = model.gdn
-        kwargs.update(
-            linear_conv_kernel_dim=gdn.conv_kernel,
-            linear_key_head_dim=gdn.key_head_dim,
-            linear_value_head_dim=gdn.value_head_dim,
-            linear_num_key_heads=gdn.num_key_heads,
-            linear_num_value_heads=gdn.num_value_heads,
-        )
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
 
@@ -147,14 +108,12 @@ def build_model(
     sequence_parallel: bool = False,
     pre_process: bool | None = None,
     post_process: bool | None = None,
-    overrides: Mapping[str, Any] | None = None,
 ) -> HybridModel:
     """A Megatron ``HybridModel`` for ``layout`` with ``model``'s sizes.
 
     The parallel split is Megatron's current one (``sequence_parallel`` as asked). The model
     carries the dispatcher's record as ``model.backend_record`` (what each family asked for
-    and what was built). ``overrides``: stock TransformerConfig fields to set on top (see
-    :func:`transformer_config`).
+    and what was built).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -166,7 +125,7 @@ def build_model(
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
     plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
-    config = transformer_config(layout, model, precision, parallel, plan, overrides)
+    config = transformer_config(layout, model, precision, parallel, plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(

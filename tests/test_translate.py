@@ -30,7 +30,9 @@ from megacpp_mcore.megatron.args import (
     recurrent_config_from_args,
 )
 from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
+from megacpp_mcore.model import ACTIVATIONS
 from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.settings.table import FIXED, SETTINGS
 from tests.megatron_helpers import megatron_parse
 
 arguments = pytest.importorskip("megatron.training.arguments")
@@ -42,84 +44,49 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def assert_matches(args, config, plan):
-    """The parsed values are the recipe's."""
+    """The parsed values are the recipe's: every row of the settings table reads back from
+    Megatron's args as the recipe's value, and every TransformerConfig field a row names is
+    what the row makes of it (the fixed rows too)."""
     recipe = plan.recipe
-    layout, m, p, t, d = (recipe.layout, recipe.model, recipe.parallel, recipe.training,
-                          recipe.data)
+    layout, m, p = recipe.layout, recipe.model, recipe.parallel
     built = layout if plan.target == "plugin" else recipe.lowered_layout
+    uses = built.letters + "".join(built.mtp)
     assert args.hybrid_layer_pattern == plan.megatron_pattern
     assert args.num_layers == layout.depth == config.num_layers
     assert args.mtp_num_layers == (layout.mtp_depth or None)
-    assert (args.hidden_size, args.ffn_hidden_size, args.num_attention_heads) == (
-        m.hidden_size, m.ffn_hidden_size, m.num_attention_heads)
-    assert config.num_query_groups == m.query_groups and args.kv_channels == m.head_dim
-    assert args.group_query_attention == (m.num_query_groups is not None)
-    assert args.seq_length == args.max_position_embeddings == m.seq_length
-    assert args.position_embedding_type == m.position_embedding
-    if m.position_embedding == "rope":
-        assert args.rotary_base == m.rotary_base
-    assert (args.swiglu, args.squared_relu) == (m.activation == "swiglu",
-                                                m.activation == "squared_relu")
-    assert (args.normalization, args.layernorm_epsilon, args.init_method_std) == (
-        m.normalization, m.norm_epsilon, m.init_std)
-    assert args.untie_embeddings_and_output_weights == (not m.tie_embeddings)
-    assert (args.hidden_dropout, args.attention_dropout) == (m.hidden_dropout,
-                                                             m.attention_dropout)
-    assert args.add_bias_linear is False
-    if built.has("E"):
-        moe = m.moe
-        assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size,
-                args.moe_shared_expert_intermediate_size) == (
-            moe.num_experts, moe.top_k, moe.ffn_hidden_size, moe.shared_expert_ffn_hidden_size)
-        assert (args.moe_router_load_balancing_type, args.moe_aux_loss_coeff,
-                args.moe_router_score_function, args.moe_grouped_gemm,
-                args.moe_token_dispatcher_type) == (
-            moe.router_load_balancing, moe.aux_loss_coeff, moe.router_score_function,
-            moe.grouped_gemm, moe.token_dispatcher)
-    else:
-        assert args.num_experts is None
-    if built.has("M"):
-        mb = m.mamba
-        assert (args.mamba_state_dim, args.mamba_head_dim, args.mamba_num_groups,
-                args.mamba_num_heads) == (mb.state_dim, mb.head_dim, mb.num_groups, mb.num_heads)
-    if built.has("G"):
-        g = m.gdn
-        assert (args.linear_num_key_heads, args.linear_num_value_heads, args.linear_key_head_dim,
-                args.linear_value_head_dim, args.linear_conv_kernel_dim) == (
-            g.num_key_heads, g.num_value_heads, g.key_head_dim, g.value_head_dim, g.conv_kernel)
-    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            args.expert_model_parallel_size, args.context_parallel_size) == (
-        p.tensor, p.pipeline, p.expert, p.context)
-    assert args.sequence_parallel == p.sequence_parallel
+    checked = 0
+    for row in SETTINGS:
+        if not row.used_by(uses) or (row.flag is None and row.emit is None
+                                     and row.kind != "choice"):
+            continue
+        if plan.target == "native" and row.native_omits:
+            continue
+        want = row.value(recipe)
+        if row.key == "logging.receipt_dir":  # carried as a folder ("runs" -> "runs/")
+            want = want.rstrip("/") + "/"
+        if row.key == "training.eval_iters" and recipe.training.eval_interval is None:
+            want = 0  # no validation: Megatron gets --eval-iters 0
+        assert row.read(args) == want, row.key
+        for name, make in row.config.items():
+            value = make(want, recipe)
+            value = {"activation_func": ACTIVATIONS, "params_dtype": DTYPES}.get(
+                name, {}).get(value, value)
+            assert _single(getattr(config, name)) == value, (row.key, name)
+        checked += 1
+    assert checked >= 40
+    for fixed in FIXED:
+        if fixed.flag and (plan.target == "plugin" or not fixed.plugin_only_flag):
+            assert getattr(config, fixed.config) == fixed.value(recipe, True), fixed.config
+    assert config.bias_activation_fusion == (m.activation == "swiglu")
     assert args.use_distributed_optimizer == (p.distributed_optimizer
                                               or p.fsdp == "megatron_fsdp")
-    assert (args.use_torch_fsdp2, args.use_megatron_fsdp) == (p.fsdp == "torch_fsdp2",
-                                                              p.fsdp == "megatron_fsdp")
     assert args.params_dtype == DTYPES[recipe.precision.params_dtype]
-    assert (args.bf16, args.fp16) == (recipe.precision.params_dtype == "bf16",
-                                      recipe.precision.params_dtype == "fp16")
     assert args.transformer_impl == ("local" if recipe.backend == "local"
                                      else "transformer_engine")
-    assert args.gradient_accumulation_fusion is False and args.no_persist_layer_norm is True
-    assert args.masked_softmax_fusion is False
-    assert (args.micro_batch_size, args.global_batch_size, args.train_iters) == (
-        t.micro_batch_size, t.global_batch_size, t.train_iters)
-    assert (args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_style) == (
-        t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_style)
-    assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.clip_grad, args.seed) == (
-        t.weight_decay, t.adam_beta1, t.adam_beta2, t.clip_grad, t.seed)
-    assert (args.log_interval, args.save_interval) == (t.log_interval, t.save_interval)
-    if t.eval_interval is None:
-        assert args.eval_iters == 0
-    else:
-        assert (args.eval_interval, args.eval_iters) == (t.eval_interval, t.eval_iters)
-    assert args.mock_data == (d.source == "mock")
-    assert args.data_path == (list(d.paths) if d.source == "path" else None)
-    assert args.split == d.split and args.megacpp_data == (
-        "embedded" if d.source == "embedded" else None)
     assert args.tokenizer_type == "NullTokenizer" and args.vocab_size == m.vocab_size
     assert args.padded_vocab_size >= m.vocab_size and args.padded_vocab_size % 128 == 0
-    assert args.tensorboard_dir == recipe.logging.tensorboard_dir
+    if not built.has("E"):
+        assert args.num_experts is None
     if plan.target == "plugin":
         assert args.spec == list(SPEC)
         assert args.megacpp_pattern == layout.canonical
@@ -135,6 +102,10 @@ def assert_matches(args, config, plan):
         assert recurrent_config_from_args(args) == m.recurrent
     else:
         assert args.spec is None and args.megacpp_pattern is None
+
+
+def _single(value):
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def check(name, target, overrides=()):

@@ -2,13 +2,15 @@
 
 :func:`add_megacpp_args` is an ``extra_args_provider`` for Megatron's
 ``parse_and_validate_args``: it adds one argument group, ``megacpp``, with every flag this
-plugin reads (``megacpp translate --target plugin`` emits them). Defaults and help texts come
-from the settings dataclasses of :mod:`megacpp_mcore.settings.config` (each field is documented
-once, there). Later features add their flags to the same group, the same way.
+plugin reads (``megacpp translate --target plugin`` emits them). Every ``--megacpp-*`` row
+of the settings table (:mod:`megacpp_mcore.settings.table`) is registered from the table, with
+its default and help text from the settings dataclasses (each field is documented once,
+there) and its check; a new plugin setting is a table row, not code here.
 
-The readers turn Megatron's parsed ``args`` back into this project's settings:
-:func:`recurrent_config_from_args`, :func:`mamba_config_from_args` and
-:func:`model_config_from_args` (the whole model section, used by the plugin's
+The readers turn Megatron's parsed ``args`` back into this project's settings, row by row
+of the same table: :func:`section_from_args`, :func:`recurrent_config_from_args`,
+:func:`mamba_config_from_args` and :func:`model_config_from_args` (the whole model section,
+used by the plugin's
 ``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec``). They refuse, with a
 :class:`SpecError`, values this project cannot build rather than approximating them.
 Importing this module does not import Megatron or torch.
@@ -21,51 +23,51 @@ import dataclasses
 import typing
 from typing import Any
 
-from megacpp_mcore.errors import PatternError, SpecError
+from megacpp_mcore.errors import PatternError, RecipeError, SpecError
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.settings.config import (
-    DataConfig,
-    GatedDeltaNetConfig,
-    MambaConfig,
-    ModelConfig,
-    MoEConfig,
-    RecurrentConfig,
-)
-from megacpp_mcore.settings.recipe import BACKENDS, field_docs
+from megacpp_mcore.settings.config import DataConfig, MambaConfig, ModelConfig, RecurrentConfig
+from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
+from megacpp_mcore.settings.table import BY_KEY, plugin_rows, value_problem
+from megacpp_mcore.settings.table import rows as table_rows
 
 GROUP = "megacpp"
 
-#: --megacpp-r-* flag -> RecurrentConfig field
-R_FLAGS = {
-    "--megacpp-r-num-heads": "num_heads",
-    "--megacpp-r-k-head-dim": "k_head_dim",
-    "--megacpp-r-v-head-dim": "v_head_dim",
-    "--megacpp-r-conv-kernel": "conv_kernel",
-    "--megacpp-r-backward-chunk": "backward_chunk",
-}
-#: --megacpp-mamba-* flag -> MambaConfig field (the Mamba settings Megatron has no flag for)
-MAMBA_FLAGS = {
-    "--megacpp-mamba-conv-kernel": "conv_kernel",
-    "--megacpp-mamba-chunk-size": "chunk_size",
-}
+
+def _field(key: str) -> tuple[type, dataclasses.Field, Any]:
+    """The settings dataclass, field and type hint of a recipe key path."""
+    cls: Any = Recipe
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    f = next(f for f in dataclasses.fields(cls) if f.name == parts[-1])
+    return cls, f, typing.get_type_hints(cls)[parts[-1]]
+
+
+def _registered_rows() -> tuple:
+    """Plugin rows registered generically (one ``--megacpp-*`` flag carrying one value)."""
+    return tuple(row for row in plugin_rows() if row.emit is None and row.kind == "value")
 
 
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def _default(cls: type, name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+def _parser_for(key: str, tp: Any):
+    """argparse type for a table row: the field's scalar type, then the row's check."""
+    kind = int if tp is int else float if tp is float else str
 
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{key}: expected {kind.__name__}, got {text!r}") from None
+        problem = value_problem(key, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{key}: {problem}")
+        return value
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return parse
 
 
 def _pattern(text: str) -> str:
@@ -104,17 +106,12 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="the backend the recipe asked for (auto, te or local); --transformer-impl is "
         "what Megatron builds. Recorded in receipts next to what actually ran.",
     )
-    docs = field_docs(RecurrentConfig)
-    for flag, name in R_FLAGS.items():
-        default = _default(RecurrentConfig, name)
-        group.add_argument(flag, type=_positive_int, default=default, metavar="N",
-                           help=f"recurrent (R) layers: {docs[name]} (default {default})")
-    docs = field_docs(MambaConfig)
-    for flag, name in MAMBA_FLAGS.items():
-        default = _default(MambaConfig, name)
-        group.add_argument(flag, type=_positive_int, default=default, metavar="N",
-                           help=f"Mamba-2 (M) layers built by the plugin: {docs[name]} "
-                           f"(default {default}; Megatron has no flag for it)")
+    for row in _registered_rows():
+        cls, f, tp = _field(row.key)
+        family = f" ({row.families} layers)" if row.families else ""
+        group.add_argument(row.flag, type=_parser_for(row.key, tp), default=f.default,
+                           metavar="N", help=f"{row.key}{family}: {field_docs(cls)[f.name]} "
+                           f"(default {f.default})")
     group.add_argument(
         "--megacpp-receipt", default=None, metavar="PATH",
         help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
@@ -144,45 +141,54 @@ def _megacpp(args: Any, flag: str) -> Any:
     return getattr(args, dest)
 
 
+def section_from_args(prefix: str, args: Any, **nested: Any) -> Any:
+    """The settings section ``prefix`` (``"model.moe"``) read back from Megatron's args.
+
+    Every row of the section is read with its :meth:`Setting.read`; a null where the field
+    takes no null (a family the flags did not mention) reads as the dataclass default.
+    Values this project cannot build raise :class:`SpecError` naming the flag.
+    """
+    cls = _field(prefix)[2]
+    kwargs: dict[str, Any] = dict(nested)
+    for row in table_rows(prefix + "."):
+        if row.section != prefix:
+            continue
+        if row.plugin_only:
+            _megacpp(args, row.flag)  # the plugin's flags must have been registered
+        value = row.read(args)
+        _, f, tp = _field(row.key)
+        if value is None and not _optional(tp):
+            value = f.default
+        kwargs[row.name] = value
+    try:
+        return cls(**kwargs)
+    except RecipeError as err:
+        key = str(err).partition(":")[0]
+        row = BY_KEY.get(key)
+        flag = (row.flag or ", ".join(f for f in row.choices.values() if f)) if row else None
+        raise SpecError(f"Megatron's args ({flag or key}) give a setting this project cannot "
+                        f"build: {err}") from None
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
 def recurrent_config_from_args(args: Any) -> RecurrentConfig:
     """The R settings from Megatron's parsed args (``--megacpp-r-*``)."""
-    return RecurrentConfig(**{name: _megacpp(args, flag) for flag, name in R_FLAGS.items()})
+    return section_from_args("model.recurrent", args)
 
 
 def mamba_config_from_args(args: Any) -> MambaConfig:
     """The Mamba-2 settings: Megatron's ``--mamba-*`` plus the plugin's ``--megacpp-mamba-*``."""
-    return MambaConfig(
-        state_dim=args.mamba_state_dim,
-        head_dim=args.mamba_head_dim,
-        num_groups=args.mamba_num_groups,
-        num_heads=args.mamba_num_heads,
-        **{name: _megacpp(args, flag) for flag, name in MAMBA_FLAGS.items()},
-    )
-
-
-def _single(value: Any, flag: str) -> Any:
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise SpecError(f"{flag} {value}: this project builds one value per model")
-        return value[0]
-    return value
+    return section_from_args("model.mamba", args)
 
 
 def _literal_values(cls: type, name: str) -> tuple[Any, ...]:
-    tp = _hint(cls, name)
+    tp = typing.get_type_hints(cls)[name]
     if typing.get_origin(tp) is not typing.Literal:  # Literal[...] | None
         tp = next(a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal)
     return typing.get_args(tp)
-
-
-def _choice(value: Any, cls: type, name: str, flag: str) -> Any:
-    allowed = _literal_values(cls, name)
-    if value not in allowed:
-        raise SpecError(
-            f"{flag} {value!r} cannot be built by this project; accepted: "
-            + ", ".join(map(str, allowed))
-        )
-    return value
 
 
 def model_config_from_args(args: Any) -> ModelConfig:
@@ -195,68 +201,21 @@ def model_config_from_args(args: Any) -> ModelConfig:
     """
     if getattr(args, "quick_geglu", False):
         raise SpecError("--quick-geglu: this project builds swiglu, squared_relu or gelu MLPs")
-    activation = "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else "gelu"
-    heads, hidden = args.num_attention_heads, args.hidden_size
-    kv = args.kv_channels
-    if kv is not None and hidden % heads == 0 and kv == hidden // heads:
-        kv = None
-    vocab = args.vocab_size if args.vocab_size is not None else args.padded_vocab_size
-    if vocab is None:
+    if args.vocab_size is None and args.padded_vocab_size is None:
         raise SpecError("Megatron's args have neither --vocab-size nor a padded vocabulary")
-    moe_default = MoEConfig()
-    moe = MoEConfig(
-        num_experts=args.num_experts or moe_default.num_experts,
-        top_k=args.moe_router_topk,
-        ffn_hidden_size=args.moe_ffn_hidden_size or moe_default.ffn_hidden_size,
-        shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
-        router_load_balancing=_choice(
-            _single(args.moe_router_load_balancing_type, "--moe-router-load-balancing-type"),
-            MoEConfig, "router_load_balancing", "--moe-router-load-balancing-type"),
-        aux_loss_coeff=float(_single(args.moe_aux_loss_coeff, "--moe-aux-loss-coeff")),
-        router_score_function=_choice(args.moe_router_score_function, MoEConfig,
-                                      "router_score_function", "--moe-router-score-function"),
-        grouped_gemm=bool(args.moe_grouped_gemm),
-        token_dispatcher=_choice(args.moe_token_dispatcher_type, MoEConfig, "token_dispatcher",
-                                 "--moe-token-dispatcher-type"),
-    )
-    gdn = GatedDeltaNetConfig(
-        num_key_heads=args.linear_num_key_heads,
-        num_value_heads=args.linear_num_value_heads,
-        key_head_dim=args.linear_key_head_dim,
-        value_head_dim=args.linear_value_head_dim,
-        conv_kernel=args.linear_conv_kernel_dim,
-    )
-    return ModelConfig(
-        hidden_size=hidden,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        kv_channels=kv,
-        vocab_size=vocab,
-        seq_length=args.seq_length,
-        position_embedding=_choice(args.position_embedding_type, ModelConfig,
-                                   "position_embedding", "--position-embedding-type"),
-        rotary_base=args.rotary_base,
-        activation=activation,
-        normalization=_choice(args.normalization, ModelConfig, "normalization",
-                              "--normalization"),
-        norm_epsilon=args.layernorm_epsilon,
-        init_std=args.init_method_std,
-        tie_embeddings=not args.untie_embeddings_and_output_weights,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        moe=moe,
+    return section_from_args(
+        "model", args,
+        moe=section_from_args("model.moe", args),
         mamba=mamba_config_from_args(args),
         recurrent=recurrent_config_from_args(args),
-        gdn=gdn,
+        gdn=section_from_args("model.gdn", args),
     )
 
 
 __all__ = [
-    "MAMBA_FLAGS",
-    "R_FLAGS",
     "add_megacpp_args",
     "mamba_config_from_args",
     "model_config_from_args",
     "recurrent_config_from_args",
+    "section_from_args",
 ]

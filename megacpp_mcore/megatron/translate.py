@@ -34,8 +34,8 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
+from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
 MEGATRON_VERSION = "0.19.2"
@@ -71,19 +71,9 @@ PLUGIN_MODULES: dict[str, str] = {
     "G": "megacpp_mcore.specs.gdn",
 }
 
-#: flags stock Megatron needs on a machine without apex, with the reason (REFERENCES.md).
-APEX_FREE_FLAGS: dict[str, str] = {
-    "--no-gradient-accumulation-fusion": (
-        "Megatron's default fuses weight-gradient accumulation with apex's "
-        "fused_weight_gradient_mlp_cuda, which fails without apex; the unfused path computes "
-        "the same gradients"),
-    "--no-persist-layer-norm": (
-        "Megatron's default persistent layer norm is an apex kernel, which fails without apex"),
-    "--no-masked-softmax-fusion": (
-        "Megatron's default fused masked softmax needs its CUDA extension (apex-era kernels) "
-        "on the local attention path, which fails without apex"),
-}
 _ENV_MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+#: plugin-flag settings the native target still passes through (the launcher reads them).
+_NATIVE_PASSTHROUGH = frozenset({"data.source"})
 
 
 # --------------------------------------------------------------------------- plan
@@ -241,18 +231,32 @@ def native_refusals(recipe: Recipe) -> list[str]:
             "use backend auto or te for the native target, or --target plugin, which builds "
             "a local stack"
         )
-    if recipe.lowered_layout.has("M"):
-        mamba = recipe.model.mamba
-        builtin = {"conv_kernel": ("d_conv", 4), "chunk_size": ("chunk_size", 128)}
-        for name, (megatron_name, megatron_default) in builtin.items():
-            value = getattr(mamba, name)
-            if value != megatron_default:
+    uses = {letter for letter in FAMILIES if recipe.lowered_layout.has(letter)}
+    for row in SETTINGS:
+        if not row.used_by(uses) or row.native_omits or row.key in _NATIVE_PASSTHROUGH:
+            continue
+        plugin_flags = [flag[0] for flag in row.flags(recipe)
+                        if flag[0].startswith(PLUGIN_FLAG_PREFIX)]
+        if not plugin_flags:
+            continue
+        value = row.value(recipe)
+        if row.stock is not None:
+            if value != row.stock:
                 problems.append(
-                    f"model.mamba.{name} ({value}): stock Megatron has no flag for it (its "
-                    f"MambaMixer always uses {megatron_name}={megatron_default}); use "
-                    f"{megatron_default}, or --target plugin"
-                )
+                    f"{row.key} ({value}): stock Megatron has no flag for it (it always uses "
+                    f"{row.stock}); use {row.stock}, or --target plugin")
+            continue
+        problems.append(
+            f"{row.key} ({value!r}) needs the plugin: it travels in {', '.join(plugin_flags)}, "
+            "which stock Megatron-LM does not know; use --target plugin")
     return problems
+
+
+def _unused_reason(recipe: Recipe, families: str, layout: Layout) -> str:
+    letters = " or ".join(f"{x} ({FAMILIES[x]})" for x in families)
+    if "R" in families and layout.has("R") and recipe.r_lowering:
+        return f"R is lowered to {recipe.r_lowering} (r_lowering)"
+    return f"the layout has no {letters} layer"
 
 
 def world_size(recipe: Recipe) -> int:
@@ -332,8 +336,7 @@ def translate(recipe: Recipe, target: str = "native",
         built, symbols = recipe.lowered_layout, NATIVE_SYMBOLS
     pattern = megatron_pattern(built, symbols)
     uses = {letter for letter in FAMILIES if built.has(letter)}
-    model, par, prec, train, data = (recipe.model, recipe.parallel, recipe.precision,
-                                     recipe.training, recipe.data)
+    model, par, train, data = recipe.model, recipe.parallel, recipe.training, recipe.data
     f = _Flags()
     notes: list[str] = []
     omitted: list[dict[str, Any]] = []
@@ -357,137 +360,29 @@ def translate(recipe: Recipe, target: str = "native",
         f.add("--megacpp-pattern", layout.canonical, source="pattern, depth",
               reason="the exact letter of every layer, so the plugin's stack tells R from G")
 
-    # ---- model shape
-    f.add("--hidden-size", model.hidden_size, source="model.hidden_size")
-    f.add("--ffn-hidden-size", model.ffn_hidden_size, source="model.ffn_hidden_size")
-    f.add("--num-attention-heads", model.num_attention_heads,
-          source="model.num_attention_heads")
-    if model.num_query_groups is not None:
-        f.add("--group-query-attention", source="model.num_query_groups")
-        f.add("--num-query-groups", model.num_query_groups, source="model.num_query_groups")
-    if model.kv_channels is not None:
-        f.add("--kv-channels", model.kv_channels, source="model.kv_channels")
-    f.add("--seq-length", model.seq_length, source="model.seq_length")
-    f.add("--max-position-embeddings", model.seq_length, source="model.seq_length",
-          reason="the longest position is the training sequence length")
-    f.add("--position-embedding-type", model.position_embedding,
-          source="model.position_embedding")
-    if model.position_embedding == "rope":
-        f.add("--rotary-base", model.rotary_base, source="model.rotary_base")
-        if plugin:
-            f.add("--no-rope-fusion", reason="the plugin's layers run unfused RoPE, as its "
-                  "model builder does; Megatron's fused RoPE needs Transformer Engine, which a "
-                  "local (or auto without TE) build does not have")
-    else:
-        omit("model.rotary_base", "position_embedding is none")
-    if model.activation == "swiglu":
-        f.add("--swiglu", source="model.activation")
-    elif model.activation == "squared_relu":
-        f.add("--squared-relu", source="model.activation")
-    else:
-        omit("model.activation", "gelu is Megatron's default MLP activation (no flag)")
-    f.add("--normalization", model.normalization, source="model.normalization")
-    f.add("--norm-epsilon", model.norm_epsilon, source="model.norm_epsilon")
-    f.add("--init-method-std", model.init_std, source="model.init_std")
-    if not model.tie_embeddings:
-        f.add("--untie-embeddings-and-output-weights", source="model.tie_embeddings")
-    f.add("--hidden-dropout", model.hidden_dropout, source="model.hidden_dropout",
-          reason="explicit: Megatron's default is 0.1")
-    f.add("--attention-dropout", model.attention_dropout, source="model.attention_dropout",
-          reason="explicit: Megatron's default is 0.1")
-    f.add("--disable-bias-linear", reason="the project's blocks have no linear biases (the "
-          "model builder sets add_bias_linear=False); Megatron's default adds them")
+    # ---- every setting of the table (megacpp_mcore.settings.table), in its order
+    for row in SETTINGS:
+        if not row.used_by(uses):
+            if row.section not in {o["field"] for o in omitted}:
+                omit(row.section, _unused_reason(recipe, row.families, layout))
+            continue
+        emitted = row.flags(recipe)
+        needs_plugin = any(flag[0].startswith(PLUGIN_FLAG_PREFIX) for flag in emitted)
+        if not plugin and needs_plugin and row.key not in _NATIVE_PASSTHROUGH:
+            # native_refusals refused it unless the native run does without it
+            omit(row.key, row.native_omits or "stock Megatron has no flag; its built-in "
+                 "value equals the recipe's")
+            continue
+        for name, *values in emitted:
+            f.add(name, *values, source=row.key, reason=row.reason)
+    if model.mamba.num_heads is None and "M" in uses:
+        notes.append(f"model.mamba.num_heads is null: Megatron derives 2 * hidden_size / "
+                     f"head_dim = {model.mamba_heads} heads, as the recipe does")
+    for fixed in FIXED:
+        if fixed.flag and (plugin or not fixed.plugin_only_flag):
+            f.add(fixed.flag, reason=fixed.reason)
 
-    # ---- block families
-    if "E" in uses:
-        moe = model.moe
-        f.add("--num-experts", moe.num_experts, source="model.moe.num_experts")
-        f.add("--moe-router-topk", moe.top_k, source="model.moe.top_k")
-        f.add("--moe-ffn-hidden-size", moe.ffn_hidden_size, source="model.moe.ffn_hidden_size")
-        if moe.shared_expert_ffn_hidden_size is not None:
-            f.add("--moe-shared-expert-intermediate-size", moe.shared_expert_ffn_hidden_size,
-                  source="model.moe.shared_expert_ffn_hidden_size")
-        f.add("--moe-router-load-balancing-type", moe.router_load_balancing,
-              source="model.moe.router_load_balancing")
-        f.add("--moe-aux-loss-coeff", moe.aux_loss_coeff, source="model.moe.aux_loss_coeff",
-              reason="explicit: Megatron's default is 0.0")
-        f.add("--moe-router-score-function", moe.router_score_function,
-              source="model.moe.router_score_function")
-        if moe.grouped_gemm:
-            f.add("--moe-grouped-gemm", source="model.moe.grouped_gemm")
-        f.add("--moe-token-dispatcher-type", moe.token_dispatcher,
-              source="model.moe.token_dispatcher")
-    else:
-        omit("model.moe", "the layout has no E (MoE) layer")
-    if "M" in uses:
-        mamba = model.mamba
-        f.add("--mamba-state-dim", mamba.state_dim, source="model.mamba.state_dim")
-        f.add("--mamba-head-dim", mamba.head_dim, source="model.mamba.head_dim")
-        f.add("--mamba-num-groups", mamba.num_groups, source="model.mamba.num_groups")
-        if mamba.num_heads is not None:
-            f.add("--mamba-num-heads", mamba.num_heads, source="model.mamba.num_heads")
-        else:
-            notes.append(f"model.mamba.num_heads is null: Megatron derives 2 * hidden_size / "
-                         f"head_dim = {model.mamba_heads} heads, as the recipe does")
-        if plugin:
-            for flag, name in MAMBA_FLAGS.items():
-                f.add(flag, getattr(mamba, name), source=f"model.mamba.{name}",
-                      reason="Megatron has no flag for it; the plugin's Mamba-2 mixer reads it")
-        else:
-            for name in MAMBA_FLAGS.values():
-                omit(f"model.mamba.{name}", "stock Megatron has no flag; its MambaMixer's "
-                     "built-in value equals the recipe's")
-    else:
-        omit("model.mamba", "the layout has no M (Mamba-2) layer")
-    if "R" in uses:  # plugin only: native lowers or refuses R
-        for flag, name in R_FLAGS.items():
-            f.add(flag, getattr(model.recurrent, name), source=f"model.recurrent.{name}")
-    elif layout.has("R"):
-        omit("model.recurrent", f"R is lowered to {recipe.r_lowering} (r_lowering)")
-    else:
-        omit("model.recurrent", "the layout has no R (recurrent) layer")
-    if "G" in uses:
-        gdn = model.gdn
-        f.add("--linear-num-key-heads", gdn.num_key_heads, source="model.gdn.num_key_heads")
-        f.add("--linear-num-value-heads", gdn.num_value_heads,
-              source="model.gdn.num_value_heads")
-        f.add("--linear-key-head-dim", gdn.key_head_dim, source="model.gdn.key_head_dim")
-        f.add("--linear-value-head-dim", gdn.value_head_dim, source="model.gdn.value_head_dim")
-        f.add("--linear-conv-kernel-dim", gdn.conv_kernel, source="model.gdn.conv_kernel")
-    else:
-        omit("model.gdn", "the layout has no G (Gated DeltaNet) layer")
-
-    # ---- parallel
-    f.add("--tensor-model-parallel-size", par.tensor, source="parallel.tensor")
-    f.add("--pipeline-model-parallel-size", par.pipeline, source="parallel.pipeline")
-    f.add("--expert-model-parallel-size", par.expert, source="parallel.expert")
-    f.add("--context-parallel-size", par.context, source="parallel.context")
-    if par.sequence_parallel:
-        f.add("--sequence-parallel", source="parallel.sequence_parallel")
-    if par.distributed_optimizer:
-        f.add("--use-distributed-optimizer", source="parallel.distributed_optimizer")
-    if par.fsdp == "torch_fsdp2":
-        f.add("--use-torch-fsdp2", source="parallel.fsdp")
-    elif par.fsdp == "megatron_fsdp":
-        f.add("--use-megatron-fsdp", source="parallel.fsdp")
-        f.add("--ckpt-format", "fsdp_dtensor", source="parallel.fsdp",
-              reason="Megatron-FSDP requires the fsdp_dtensor checkpoint format")
-
-    # ---- precision and backend
-    if prec.params_dtype == "bf16":
-        f.add("--bf16", source="precision.params_dtype")
-    elif prec.params_dtype == "fp16":
-        f.add("--fp16", source="precision.params_dtype")
-    else:
-        notes.append("precision.params_dtype fp32: Megatron's default (no --bf16/--fp16)")
-    if prec.params_dtype != "fp32":
-        if prec.grad_reduce_in_fp32:
-            f.add("--accumulate-allreduce-grads-in-fp32", source="precision.grad_reduce_in_fp32")
-        elif prec.params_dtype == "bf16":
-            f.add("--grad-reduce-in-bf16", source="precision.grad_reduce_in_fp32")
-        else:
-            notes.append("precision.grad_reduce_in_fp32 false with fp16: Megatron reduces "
-                         "fp16 gradients in fp16 by default")
+    # ---- backend
     impl = "local" if recipe.backend == "local" else "transformer_engine"
     impl_reason = {
         "auto": "backend auto: " + ("the stock hybrid spec is Transformer-Engine-only"
@@ -501,79 +396,31 @@ def translate(recipe: Recipe, target: str = "native",
     if plugin:
         f.add("--megacpp-backend", recipe.backend, source="backend",
               reason="what the recipe asked for, recorded next to what ran")
-    for flag, reason in APEX_FREE_FLAGS.items():
-        f.add(flag, reason=reason)
     f.add("--no-create-attention-mask-in-dataloader",
           reason="every layer is causal and its attention core applies the causal mask itself "
           "(TE and SDPA ignore a dataloader mask for causal layers); building an [s, s] mask "
           "per sample would only cost memory and time")
 
-    # ---- schedule and optimizer
-    f.add("--micro-batch-size", train.micro_batch_size, source="training.micro_batch_size")
-    f.add("--global-batch-size", train.global_batch_size, source="training.global_batch_size")
-    f.add("--train-iters", train.train_iters, source="training.train_iters")
+    # ---- optimizer
     f.add("--optimizer", "adam", reason="the recipe's optimizer is Adam with decoupled weight "
           "decay (training.adam_*, training.weight_decay)")
-    f.add("--lr", train.lr, source="training.lr")
-    f.add("--min-lr", train.min_lr, source="training.min_lr")
-    f.add("--lr-warmup-iters", train.lr_warmup_iters, source="training.lr_warmup_iters")
-    f.add("--lr-decay-style", train.lr_decay_style, source="training.lr_decay_style")
-    f.add("--weight-decay", train.weight_decay, source="training.weight_decay")
-    f.add("--adam-beta1", train.adam_beta1, source="training.adam_beta1")
-    f.add("--adam-beta2", train.adam_beta2, source="training.adam_beta2")
-    f.add("--clip-grad", train.clip_grad, source="training.clip_grad")
-    f.add("--seed", train.seed, source="training.seed")
-    f.add("--log-interval", train.log_interval, source="training.log_interval")
-    if train.save_interval is not None:
-        f.add("--save-interval", train.save_interval, source="training.save_interval",
-              reason="checkpoints are written only where the launcher passes --save")
-    if train.eval_interval is not None:
-        f.add("--eval-interval", train.eval_interval, source="training.eval_interval")
-        f.add("--eval-iters", train.eval_iters, source="training.eval_iters")
-    else:
-        f.add("--eval-interval", train.train_iters, source="training.eval_interval",
-              reason="eval_interval null (no validation): Megatron divides by eval_interval "
-              "when it sizes the datasets, so it gets train_iters, and --eval-iters 0 "
-              "turns validation off")
-        f.add("--eval-iters", 0, source="training.eval_interval",
-              reason="eval_interval null: no validation")
 
-    # ---- data and tokenizer
-    if data.source == "mock":
-        f.add("--mock-data", source="data.source")
-    elif data.source == "path":
-        f.add("--data-path", *data.paths, source="data.paths")
-    else:
-        f.add("--megacpp-data", "embedded", source="data.source",
-              reason="Megatron has no embedded data source: the launcher's dataset provider "
-              f"({LAUNCHER}) prepares the project's own text and reads this flag")
-    f.add("--split", data.split, source="data.split")
-    tokenizer_source = "data.tokenizer, model.vocab_size"
+    # ---- tokenizer (data.source, data.paths and data.split are table rows)
     f.add("--tokenizer-type", "NullTokenizer", source="data.tokenizer",
           reason="token ids are used as they are (" + (
               "byte ids 0..255 and end-of-document" if data.tokenizer == "byte"
               else "Megatron's mock data") + ")")
-    f.add("--vocab-size", model.vocab_size, source=tokenizer_source,
-          reason="Megatron pads the embedding to a multiple of 128 x TP")
     if data.tokenizer == "byte":
         f.add("--null-tokenizer-eod-id", BYTE_EOD_ID, source="data.tokenizer",
               reason=f"the byte tokenizer's end-of-document id ({BYTE_EOD_ID}); "
               "NullTokenizer's default would be vocab_size - 1")
 
-    # ---- logging, receipts, provenance
-    if recipe.logging.tensorboard_dir is not None:
-        f.add("--tensorboard-dir", recipe.logging.tensorboard_dir,
-              source="logging.tensorboard_dir")
+    # ---- provenance
     if plugin:
-        f.add("--megacpp-receipt", recipe.logging.receipt_dir.rstrip("/") + "/",
-              source="logging.receipt_dir", reason="one receipt file per run in this folder")
         f.add("--megacpp-recipe", recipe.source or recipe.name, source="(the recipe file)",
               reason="provenance for the receipt; the flags are authoritative")
         f.add("--megacpp-recipe-hash", recipe.recipe_hash, source="(the resolved recipe)",
               reason="sha256 of the resolved recipe, overrides included")
-    else:
-        omit("logging.receipt_dir", "receipts are written by the plugin launcher "
-             "(--megacpp-receipt, plugin target)")
 
     # ---- non-native choices, visible
     if plugin:

@@ -2,21 +2,102 @@
 
 Every section is a frozen dataclass; each field is documented once, here, in the class
 docstring's ``Attributes`` list (recipes and ``megacpp recipe describe`` read it from
-there). Pure Python: nothing here imports torch or Megatron. Cross-field rules that need
-the layout or the parallel sizes live in ``recipe.py`` (for recipes) and ``model.py`` (for
-what the model builder itself must refuse).
+there). Every construction (a YAML recipe, Python code, settings read back from Megatron's
+args) is checked in ``__post_init__``: exact types (``true`` is not an integer, literals
+take only their listed values) and the single-value rules of the settings table
+(:mod:`megacpp_mcore.settings.table`), raising :class:`RecipeError` that names the key path
+and what is accepted. Pure Python: nothing here imports torch or Megatron. Cross-field rules
+that need the layout or the parallel sizes live in ``sizes.py`` and ``recipe.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+from megacpp_mcore.errors import RecipeError
+from megacpp_mcore.settings.table import value_problem
 
 DType = Literal["fp32", "bf16", "fp16"]
 
 
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _accepted(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_accepted(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a tuple of {_accepted(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check every field of the settings dataclass ``obj`` (its key paths under ``prefix``).
+
+    Lists become tuples and integers become floats where the field is a float, so equal
+    settings compare equal however they were written.
+    """
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("key", True):
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(obj, f.name, value)
+        if not _fits(value, tp):
+            raise RecipeError(f"{key}: got {value!r} ({type(value).__name__}); accepted: "
+                              f"{_accepted(tp)}")
+        if isinstance(value, int) and not isinstance(value, bool) and _fits(1.5, tp):
+            value = float(value)
+            object.__setattr__(obj, f.name, value)
+        problem = value_problem(key, value)
+        if problem:
+            raise RecipeError(f"{key}: {problem}")
+
+
+class _Checked:
+    """Mixin: check the fields on construction (``PREFIX`` is the section's key path)."""
+
+    PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.PREFIX)
+
+
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(_Checked):
     """Mixture-of-experts feed-forward (letter E).
 
     Attributes:
@@ -33,6 +114,8 @@ class MoEConfig:
         token_dispatcher: alltoall (expert parallel, GPU) or allgather.
     """
 
+    PREFIX: ClassVar[str] = "model.moe"
+
     num_experts: int = 8
     top_k: int = 2
     ffn_hidden_size: int = 1024
@@ -45,7 +128,7 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
-class MambaConfig:
+class MambaConfig(_Checked):
     """Mamba-2 mixer (letter M).
 
     Attributes:
@@ -57,6 +140,8 @@ class MambaConfig:
         chunk_size: chunk length of the chunked SSD scan (fused and reference).
     """
 
+    PREFIX: ClassVar[str] = "model.mamba"
+
     state_dim: int = 128
     head_dim: int = 64
     num_groups: int = 8
@@ -66,7 +151,7 @@ class MambaConfig:
 
 
 @dataclass(frozen=True)
-class RecurrentConfig:
+class RecurrentConfig(_Checked):
     """Recurrent mixer (letter R): an M2RNN-style matrix-state RNN.
 
     Per head the state is a k_head_dim x v_head_dim matrix h, updated as
@@ -81,6 +166,8 @@ class RecurrentConfig:
             (recomputed inside a chunk), so activation memory stays linear in sequence length.
     """
 
+    PREFIX: ClassVar[str] = "model.recurrent"
+
     num_heads: int = 16
     k_head_dim: int = 64
     v_head_dim: int = 16
@@ -89,7 +176,7 @@ class RecurrentConfig:
 
 
 @dataclass(frozen=True)
-class GatedDeltaNetConfig:
+class GatedDeltaNetConfig(_Checked):
     """Megatron's Gated DeltaNet mixer (letter G; needs flash-linear-attention).
 
     Attributes:
@@ -100,6 +187,8 @@ class GatedDeltaNetConfig:
         conv_kernel: width of the short causal convolution.
     """
 
+    PREFIX: ClassVar[str] = "model.gdn"
+
     num_key_heads: int = 16
     num_value_heads: int = 32
     key_head_dim: int = 128
@@ -108,7 +197,7 @@ class GatedDeltaNetConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     """Model shape shared by every block family, plus one nested section per mixer family.
 
     Attributes:
@@ -134,6 +223,8 @@ class ModelConfig:
         recurrent: the recurrent mixer section (letter R).
         gdn: the Gated DeltaNet section (letter G).
     """
+
+    PREFIX: ClassVar[str] = "model"
 
     hidden_size: int = 256
     ffn_hidden_size: int = 1024
@@ -170,7 +261,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class PrecisionConfig:
+class PrecisionConfig(_Checked):
     """Numeric precision.
 
     Attributes:
@@ -179,12 +270,14 @@ class PrecisionConfig:
         grad_reduce_in_fp32: reduce gradients across data-parallel ranks in fp32.
     """
 
+    PREFIX: ClassVar[str] = "precision"
+
     params_dtype: DType = "bf16"
     grad_reduce_in_fp32: bool = True
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
+class ParallelConfig(_Checked):
     """Parallel sizes and sharding.
 
     Attributes:
@@ -198,6 +291,8 @@ class ParallelConfig:
         fsdp: none, torch_fsdp2 or megatron_fsdp.
     """
 
+    PREFIX: ClassVar[str] = "parallel"
+
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
@@ -208,7 +303,7 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(_Checked):
     """Training schedule and optimizer.
 
     Attributes:
@@ -230,6 +325,8 @@ class TrainingConfig:
         eval_iters: validation batches per run.
     """
 
+    PREFIX: ClassVar[str] = "training"
+
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 100
@@ -249,7 +346,7 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
     """Training data.
 
     Attributes:
@@ -260,6 +357,8 @@ class DataConfig:
         tokenizer: byte (vocabulary 256 + specials) for embedded/path data, or null for mock.
     """
 
+    PREFIX: ClassVar[str] = "data"
+
     source: Literal["embedded", "mock", "path"] = "embedded"
     paths: tuple[str, ...] = ()
     split: str = "98,2,0"
@@ -267,13 +366,15 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
+class LoggingConfig(_Checked):
     """Logs and receipts.
 
     Attributes:
         receipt_dir: folder for run receipts (JSON), one file per run.
         tensorboard_dir: Megatron's TensorBoard folder; null for none.
     """
+
+    PREFIX: ClassVar[str] = "logging"
 
     receipt_dir: str = "runs"
     tensorboard_dir: str | None = None

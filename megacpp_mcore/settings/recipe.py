@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import textwrap
 import types
@@ -51,8 +50,10 @@ from megacpp_mcore.settings.config import (
     ParallelConfig,
     PrecisionConfig,
     TrainingConfig,
+    check_fields,
 )
 from megacpp_mcore.settings.sizes import size_problems
+from megacpp_mcore.settings.table import value_problem
 
 BACKENDS = ("auto", "te", "local")
 #: letters an R layer may be lowered to for the native target (every stock Megatron family).
@@ -114,6 +115,7 @@ class Recipe:
     overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         problems = recipe_problems(self)
         if problems:
             raise RecipeError(
@@ -276,51 +278,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------- single-value rules
-
-#: integer keys that may be zero (every other integer must be >= 1).
-_NON_NEGATIVE_INTS = frozenset(
-    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters"}
-)
-
-
-def _in_unit(v: float) -> bool:
-    return 0.0 <= v < 1.0
-
-
-#: key -> (rule shown in messages, predicate) for numbers (every number must be finite).
-_FLOAT_RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
-    "model.norm_epsilon": ("> 0", lambda v: v > 0),
-    "model.init_std": ("> 0", lambda v: v > 0),
-    "model.hidden_dropout": ("in [0, 1)", _in_unit),
-    "model.attention_dropout": ("in [0, 1)", _in_unit),
-    "model.moe.aux_loss_coeff": (">= 0", lambda v: v >= 0),
-    "training.lr": ("> 0", lambda v: v > 0),
-    "training.min_lr": (">= 0", lambda v: v >= 0),
-    "training.weight_decay": (">= 0", lambda v: v >= 0),
-    "training.adam_beta1": ("in [0, 1)", _in_unit),
-    "training.adam_beta2": ("in [0, 1)", _in_unit),
-    "training.clip_grad": (">= 0 (0 disables clipping)", lambda v: v >= 0),
-}
-
-
-def _value_problem(path: str, value: Any) -> str | None:
-    """Why ``value`` is impossible for ``path`` on its own, or None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        if path in _NON_NEGATIVE_INTS:
-            return None if value >= 0 else f"must be >= 0, got {value}"
-        return None if value >= 1 else f"must be a positive integer (>= 1), got {value}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        rule = _FLOAT_RULES.get(path)
-        if rule and not rule[1](value):
-            return f"must be {rule[0]}, got {value!r}"
-    return None
 
 
 # --------------------------------------------------------------------------- YAML
@@ -559,7 +516,7 @@ def _coerce(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
                     describe_type(tp))
     if tp is float:
         value = float(value)
-    problem = _value_problem(path, value)
+    problem = value_problem(path, value)
     if problem:
         raise _fail(origins, path, problem)
     return value

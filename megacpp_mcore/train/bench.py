@@ -40,7 +40,7 @@ import torch
 from megacpp_mcore.errors import BenchError
 from megacpp_mcore.layout import Layout, parse_pattern
 from megacpp_mcore.model import ACTIVATIONS, DTYPES, build_model, padded_vocab_size
-from megacpp_mcore.settings.config import ModelConfig, PrecisionConfig
+from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, megatron_pattern
 from megacpp_mcore.train.bench_report import (
     MAIN_RUNS,
@@ -146,49 +146,30 @@ class BenchSettings:
 
 def native_config(layout: Layout, model: ModelConfig, precision: PrecisionConfig,
                   overrides: Mapping[str, Any] | None = None):
-    """Megatron's TransformerConfig with only the recipe's shapes set: native defaults."""
+    """Megatron's TransformerConfig with only the recipe's settings set: native defaults.
+
+    Every settings-table row that becomes a TransformerConfig field (for the families the
+    layout uses) is set as ``model.transformer_config`` sets it, plus no linear biases (a
+    property of the model); none of the plugin's other fixed choices (fusions), which stay
+    at Megatron's defaults.
+    """
+    from types import SimpleNamespace
+
     from megatron.core.transformer import TransformerConfig
 
-    activation, gated = ACTIVATIONS[model.activation]
-    kwargs: dict[str, Any] = dict(
-        num_layers=layout.depth,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        kv_channels=model.head_dim,
-        init_method_std=model.init_std,
-        normalization=model.normalization,
-        layernorm_epsilon=model.norm_epsilon,
-        activation_func=activation,
-        gated_linear_unit=gated,
-        add_bias_linear=False,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        params_dtype=DTYPES[precision.params_dtype],
-        bf16=precision.params_dtype == "bf16",
-        fp16=precision.params_dtype == "fp16",
-    )
-    if layout.has("E"):
-        moe = model.moe
-        kwargs.update(
-            num_moe_experts=moe.num_experts,
-            moe_router_topk=moe.top_k,
-            moe_ffn_hidden_size=moe.ffn_hidden_size,
-            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-            moe_router_load_balancing_type=moe.router_load_balancing,
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
-            moe_router_score_function=moe.router_score_function,
-            moe_grouped_gemm=moe.grouped_gemm,
-            moe_token_dispatcher_type=moe.token_dispatcher,
-        )
-    if layout.has("M"):
-        kwargs.update(
-            mamba_state_dim=model.mamba.state_dim,
-            mamba_head_dim=model.mamba.head_dim,
-            mamba_num_groups=model.mamba.num_groups,
-            mamba_num_heads=model.mamba_heads,
-        )
+    from megacpp_mcore.settings.table import SETTINGS
+
+    root = SimpleNamespace(model=model, precision=precision, parallel=ParallelConfig())
+    letters = layout.letters + "".join(layout.mtp)
+    kwargs: dict[str, Any] = {}
+    for row in SETTINGS:
+        if row.config and row.key.partition(".")[0] in ("model", "precision", "parallel") and (
+                row.used_by(letters)):
+            value = row.value(root)
+            kwargs.update({name: make(value, root) for name, make in row.config.items()})
+    kwargs["activation_func"] = ACTIVATIONS[kwargs["activation_func"]]
+    kwargs["params_dtype"] = DTYPES[kwargs["params_dtype"]]
+    kwargs.update(num_layers=layout.depth, add_bias_linear=False)
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
 
