@@ -108,12 +108,14 @@ def build_model(
     sequence_parallel: bool = False,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> HybridModel:
     """A Megatron ``HybridModel`` for ``layout`` with ``model``'s sizes.
 
     The parallel split is Megatron's current one (``sequence_parallel`` as asked). The model
     carries the dispatcher's record as ``model.backend_record`` (what each family asked for
-    and what was built).
+    and what was built). ``overrides``: stock TransformerConfig fields to set on top (see
+    :func:`transformer_config`).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -125,7 +127,7 @@ def build_model(
         raise SpecError("multi-token prediction with pipeline parallelism is not supported "
                         "by this builder yet")
     plan = plan or resolve_backend(backend, layout, moe_dispatcher=model.moe.token_dispatcher)
-    config = transformer_config(layout, model, precision, parallel, plan)
+    config = transformer_config(layout, model, precision, parallel, plan, overrides)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(

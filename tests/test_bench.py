@@ -329,3 +329,11 @@ def test_a_spent_time_budget_ends_the_session_after_whole_rounds(megatron_single
     assert report["families"] == {}
     assert len(report["ratios"]["plugin / native"]["ratios"]) == 1
     assert "SKIPPED (time budget) family A" in render(report)
+
+
+def test_build_model_overrides_reach_megatrons_config(megatron_single_process):
+    model = build_model(parse_pattern("AF"), cpu_config(), backend="local", precision=FP32,
+                        overrides={"moe_router_fusion": True, "init_method_std": 0.5})
+    assert model.config.moe_router_fusion is True and model.config.init_method_std == 0.5
+    default = build_model(parse_pattern("AF"), cpu_config(), backend="local", precision=FP32)
+    assert default.config.moe_router_fusion is False
