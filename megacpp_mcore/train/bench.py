@@ -793,7 +793,8 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "columns: step = wall per step (synchronised); host = CPU time to issue the "
               "step (until its last call returns, syncs inside included); span = CUDA events "
               "around the step (idle gaps included); busy = union of GPU kernel time "
-              "(profiler); peak = this model's own peak memory"]
+              "(profiler); launches = kernel launches per step (profiler); peak = this model's "
+              "own peak memory"]
     for what in report.get("skipped", []):
         lines.append("SKIPPED (time budget) " + what)
     for err in report["errors"]:

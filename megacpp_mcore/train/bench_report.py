@@ -17,6 +17,7 @@ steps):
   host). ``span ~ step`` and ``host ~ step`` means the step is host-bound.
 * ``busy ms``: the union of GPU kernel/memcpy/memset intervals of one step, from a short
   torch.profiler pass after timing (no idle gaps): what the step costs the GPU alone.
+* ``launches``: kernel launches the host issued per step (same profiler pass).
 * ``peak GiB``: this model's own peak: its resident parameters and optimizer state plus the
   step's working memory (gradients, activations), excluding other models held in the process.
 
@@ -147,12 +148,12 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 COLUMNS = ("run", "step ms", "tok/s", "TFLOP/s", "MFU", "host ms", "span ms", "busy ms",
-           "peak GiB")
+           "peak GiB", "launches")
 
 
 def format_table(rows: Sequence[dict]) -> str:
     """The runs' summaries as an aligned text table (failed runs show their error)."""
-    widths = (22, 9, 9, 8, 7, 8, 8, 8, 9)
+    widths = (22, 9, 9, 8, 7, 8, 8, 8, 9, 9)
     head = "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
                    for i, (c, w) in enumerate(zip(COLUMNS, widths, strict=True)))
     lines = [head, "-" * len(head)]
@@ -164,7 +165,8 @@ def format_table(rows: Sequence[dict]) -> str:
         cells = (row["name"], _fmt(row["step_ms"], ".1f"), _fmt(row["tokens_per_s"], ".0f"),
                  _fmt(row["tflops"], ".1f"), _fmt(mfu, ".1f") + ("%" if mfu is not None else ""),
                  _fmt(row["host_ms"], ".1f"), _fmt(row["span_ms"], ".1f"),
-                 _fmt(row["busy_ms"], ".1f"), _fmt(row["peak_gib"], ".2f"))
+                 _fmt(row["busy_ms"], ".1f"), _fmt(row["peak_gib"], ".2f"),
+                 _fmt(row["launches_per_step"], ".0f"))
         lines.append("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
                              for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
     return "\n".join(lines)
