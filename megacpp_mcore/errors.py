@@ -32,3 +32,7 @@ class DataError(MegacppError):
 
 class ReceiptError(MegacppError):
     """A receipt file is missing, unreadable or not a receipt."""
+
+
+class BenchError(MegacppError):
+    """A benchmark request is malformed or cannot be measured faithfully here."""

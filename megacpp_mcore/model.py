@@ -9,8 +9,10 @@ project's stack spec. Megatron's model-parallel state must be initialised first 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +62,15 @@ def transformer_config(
     precision: PrecisionConfig,
     parallel: ParallelConfig,
     plan: BackendPlan,
+    overrides: Mapping[str, Any] | None = None,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for these settings, from the settings table.
 
     Every row with a ``config`` field whose families the layout uses contributes its
     field(s), then the table's fixed fields (fusions and the like, GPU-only kernels off on
     CPU): the same values Megatron's launcher derives from the translated flags.
+    ``overrides`` sets stock ``TransformerConfig`` fields the settings do not cover (the
+    benchmark's tuned runs, e.g. ``moe_router_fusion``); they win over the above.
     """
     root = SimpleNamespace(model=model, precision=precision, parallel=parallel)
     letters = layout.letters + "".join(layout.mtp)
@@ -116,6 +121,7 @@ def transformer_config(
                 dsa_indexer_loss_coeff=dsa.indexer_loss_coeff,
                 dsa_indexer_rotate_activation=plan.dsa_rotate,
             )
+    kwargs.update(overrides or {})
     return (MLATransformerConfig if latent else TransformerConfig)(**kwargs)
 
 
@@ -161,13 +167,15 @@ def build_model(
     sequence_parallel: bool = False,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> HybridModel:
     """A Megatron ``HybridModel`` for ``layout`` with ``model``'s sizes.
 
     The parallel split is Megatron's current one (``sequence_parallel`` as asked). A pattern
     with '|' stages needs as many pipeline ranks as stages, or one, which builds them all.
     The model carries the dispatcher's record as ``model.backend_record`` (what each family
-    asked for and what was built).
+    asked for and what was built). ``overrides``: stock TransformerConfig fields to set on
+    top (see :func:`transformer_config`).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -187,7 +195,7 @@ def build_model(
         attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
         dsa_rotate=model.attention.dsa.rotate_activation,
         r_form=model.recurrent.form() if layout.has("R") else None)
-    config = transformer_config(layout, model, precision, parallel, plan)
+    config = transformer_config(layout, model, precision, parallel, plan, overrides)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(

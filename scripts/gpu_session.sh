@@ -2,7 +2,8 @@
 # Run named steps of the GPU validation on the GPU machine, each with its own time limit,
 # logging to $OUT/<step>.log and printing a one-line verdict per step at the end.
 #   bash scripts/gpu_session.sh tests train bench
-# Steps: env, tests, train, resume, tp2, bench, rbench. Needs the staged wheels on PYTHONPATH.
+# Steps: env, tests, train, resume, tp2, bench, rbench, benchtests, vsnative, vsnative_r.
+# Needs the staged wheels on PYTHONPATH.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -29,7 +30,10 @@ for s in "$@"; do case $s in
   tp2) step tp2_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/gpu/test_tensor_parallel_gpu.py "tests/gpu/test_model_gpu.py::test_te_and_local_agree"
        step tp2_train 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set parallel.tensor=2 --set parallel.sequence_parallel=true --train-iters 100 --receipt "$OUT/tiny_tp2.json" ;;
   bench) step bench 540 python3 scripts/bench_layers.py --hidden 2048 4096 --families AEMFR --json "$OUT/bench_layers.json" ;;
-  rbench) step rbench 300 python3 scripts/bench_r_scan.py --quick --sweep --no-reference ;;
+  rbench) step rbench 540 python3 scripts/bench_r_scan.py --quick --sweep --no-reference --json "$OUT/r_sweep.json" ;;
+  benchtests) step benchtests 400 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/gpu/test_bench_gpu.py ;;
+  vsnative) step vsnative 580 python3 -m megacpp_mcore.cli.main bench --quick --budget-s 400 --json "$OUT/bench_quick.json" ;;
+  vsnative_r) step vsnative_r 580 python3 -m megacpp_mcore.cli.main bench --quick --pattern AEMEAEMEAEMR --families R --budget-s 400 --json "$OUT/bench_r.json" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 printf '%s\n' "${verdicts[@]}"

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from megacpp_mcore import __version__
+from megacpp_mcore.cli.bench import add_bench_subcommand
 from megacpp_mcore.cli.data import add_data_subcommand
 from megacpp_mcore.cli.receipt import add_receipt_subcommand
 from megacpp_mcore.cli.recipe import add_recipe_subcommand
@@ -79,6 +80,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_recipe_subcommand,
     add_translate_subcommand,
     add_train_subcommand,
+    add_bench_subcommand,
 ]
 
 

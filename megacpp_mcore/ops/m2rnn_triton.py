@@ -51,6 +51,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BACKWARD_CHUNK = 1024
 # Largest [BK, V, V] intermediate the broadcast-and-reduce product may build per program.
 MAX_BROADCAST_ELEMENTS = 16384
+# Launch settings used where a ScanKernelConfig field is None, kept within what each shape
+# allows (block rows at most K; broadcast products only where small enough).
+# `scripts/bench_r_scan.py --apply` writes measured values here.
+DEFAULT_BLOCK_ROWS = 16
+DEFAULT_NUM_WARPS: int | None = None  # None: from the block size
+DEFAULT_USE_DOT = True
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,17 @@ class ScanKernelConfig:
 
     Attributes:
         block_rows: state rows per program (a power of two, 16 <= block_rows <= K);
-            None means 16 (more programs, shorter per-step latency).
-        num_warps: warps per program; None picks from the block size.
+            None means DEFAULT_BLOCK_ROWS (at most K).
+        num_warps: warps per program; None means DEFAULT_NUM_WARPS, or picks from the
+            block size.
         use_dot: tl.dot (IEEE float32) for the V x V products; False uses
-            broadcast-and-reduce (only for small blocks).
+            broadcast-and-reduce (only for small blocks); None means DEFAULT_USE_DOT (dot
+            where the broadcast product would be too large).
     """
 
     block_rows: int | None = None
     num_warps: int | None = None
-    use_dot: bool = True
+    use_dot: bool | None = None
 
 
 def _interpreting() -> bool:
@@ -272,20 +280,23 @@ def _m2rnn_bwd_kernel(
 
 def _resolve_config(K: int, V: int, config: ScanKernelConfig | None) -> tuple[int, int, bool]:
     config = config or ScanKernelConfig()
-    bk = 16 if config.block_rows is None else config.block_rows
+    bk = min(DEFAULT_BLOCK_ROWS, K) if config.block_rows is None else config.block_rows
     if bk < 16 or bk > K or bk & (bk - 1):
         raise ValueError(f"m2rnn fused scan: block_rows must be a power of two in [16, K={K}], "
                          f"got {bk}")
-    if not config.use_dot and bk * V * V > MAX_BROADCAST_ELEMENTS:
+    use_dot = config.use_dot
+    if use_dot is None:
+        use_dot = DEFAULT_USE_DOT or bk * V * V > MAX_BROADCAST_ELEMENTS
+    if not use_dot and bk * V * V > MAX_BROADCAST_ELEMENTS:
         raise ValueError(f"m2rnn fused scan: use_dot=False builds a [block_rows, V, V] = "
                          f"[{bk}, {V}, {V}] product per step; at most {MAX_BROADCAST_ELEMENTS} "
                          "elements are allowed, use use_dot=True or fewer block_rows")
-    num_warps = config.num_warps
+    num_warps = DEFAULT_NUM_WARPS if config.num_warps is None else config.num_warps
     if num_warps is None:
         num_warps = max(1, min(8, bk * V // 256))
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"m2rnn fused scan: num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    return bk, num_warps, bool(config.use_dot)
+    return bk, num_warps, bool(use_dot)
 
 
 def _check_fused_inputs(q, k, v, f, W, h0, backward_chunk) -> tuple[int, int, int, int, int]:
