@@ -32,3 +32,8 @@ class DataError(MegacppError):
 
 class ReceiptError(MegacppError):
     """A receipt file is missing, unreadable or not a receipt."""
+
+
+class PlasticityError(MegacppError):
+    """A plasticity tool (FIRE, DASH, ReDo) cannot act faithfully on this model, optimizer or
+    parallel set-up, or the ranks decided differently."""

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megacpp_mcore.layers.mixer_common import (
     causal_depthwise_conv,
+    consecutive_parts,
     conv_init,
     dt_bias_init,
     grouped_rms_norm,
@@ -132,6 +133,17 @@ class RecurrentMixer(MegatronModule):
             g.float().reshape(batch, length, H, V))
         y = grouped_rms_norm(y.reshape(batch, length, H * V), self.norm_weight, V, NORM_EPS)
         return y.to(projected.dtype)
+
+    def plasticity_parts(self) -> list[tuple]:
+        """The logical parts of the projections, for plasticity tools (``plasticity.parts``):
+        ``(name, parameter, local row ranges or None, tensor-parallel dim)``. ``in_proj`` is
+        column parallel with the local rows q | k | v | g | f (see the module docstring);
+        ``state`` is the per-head state matrix W (never touched unless a tool asks for it)."""
+        H, K, V = self.heads_local, self.k_head_dim, self.v_head_dim
+        sizes = {"q": H * K, "k": H * K, "v": H * V, "g": H * V, "f": H}
+        return [*consecutive_parts(self.in_proj.weight, sizes, tp_dim=0),
+                ("out", self.out_proj.weight, None, 1),
+                ("state", self.state_weight, None, 0)]
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return mixer_sharded_state_dict(

@@ -24,12 +24,16 @@ from typing import Any
 from megacpp_mcore.errors import PatternError, SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.settings.config import (
+    DashConfig,
     DataConfig,
+    FireConfig,
     GatedDeltaNetConfig,
     MambaConfig,
     ModelConfig,
     MoEConfig,
+    PlasticityConfig,
     RecurrentConfig,
+    RedoConfig,
 )
 from megacpp_mcore.settings.recipe import BACKENDS, field_docs
 
@@ -43,6 +47,24 @@ R_FLAGS = {
     "--megacpp-r-conv-kernel": "conv_kernel",
     "--megacpp-r-backward-chunk": "backward_chunk",
 }
+#: plasticity section -> its settings class; every field is a flag
+#: --megacpp-plasticity-SECTION-FIELD (underscores as dashes).
+PLASTICITY_SECTIONS = {"fire": FireConfig, "dash": DashConfig, "redo": RedoConfig}
+
+
+def plasticity_flag(section: str, name: str) -> str:
+    return f"--megacpp-plasticity-{section}-{name.replace('_', '-')}"
+
+
+def plasticity_flag_value(value: Any) -> str | None:
+    """A plasticity setting as its flag's text (lists comma-joined); None when unset."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 #: --megacpp-mamba-* flag -> MambaConfig field (the Mamba settings Megatron has no flag for)
 MAMBA_FLAGS = {
     "--megacpp-mamba-conv-kernel": "conv_kernel",
@@ -126,7 +148,54 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         + " (mock and path also have Megatron's own --mock-data / --data-path; embedded "
         "exists only here).",
     )
+    _add_plasticity_args(group)
     return parser
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _add_plasticity_args(group) -> None:
+    """One flag per field of the plasticity sections (defaults and help from the classes)."""
+    for section, cls in PLASTICITY_SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp = _hint(cls, f.name)
+            args: dict[str, Any] = {"default": f.default, "help": f"plasticity {section}: "
+                                    f"{docs[f.name]} (default {f.default})"}
+            if typing.get_origin(tp) is tuple:
+                args.update(type=_step_list, default=(), metavar="STEP,STEP,...")
+            elif typing.get_origin(tp) is typing.Literal:
+                args.update(choices=typing.get_args(tp))
+            elif tp is float:
+                args.update(type=_unit_float, metavar="X")
+            else:  # int or int | None
+                args.update(type=_positive_int if f.name != "rewarmup_iters" else int,
+                            metavar="N")
+            group.add_argument(plasticity_flag(section, f.name), **args)
+
+
+def plasticity_config_from_args(args: Any) -> PlasticityConfig:
+    """The plasticity section from Megatron's parsed args (``--megacpp-plasticity-*``)."""
+    sections = {}
+    for section, cls in PLASTICITY_SECTIONS.items():
+        values = {f.name: _megacpp(args, plasticity_flag(section, f.name))
+                  for f in dataclasses.fields(cls)}
+        sections[section] = cls(**values)
+    return PlasticityConfig(**sections)
 
 
 def _hint(cls: type, name: str) -> Any:
@@ -254,9 +323,11 @@ def model_config_from_args(args: Any) -> ModelConfig:
 
 __all__ = [
     "MAMBA_FLAGS",
+    "PLASTICITY_SECTIONS",
     "R_FLAGS",
     "add_megacpp_args",
     "mamba_config_from_args",
     "model_config_from_args",
+    "plasticity_config_from_args",
     "recurrent_config_from_args",
 ]

@@ -34,7 +34,13 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.megatron.args import MAMBA_FLAGS, R_FLAGS
+from megacpp_mcore.megatron.args import (
+    MAMBA_FLAGS,
+    PLASTICITY_SECTIONS,
+    R_FLAGS,
+    plasticity_flag,
+    plasticity_flag_value,
+)
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_R_SYMBOL, PLUGIN_SYMBOLS, megatron_pattern
 
@@ -252,6 +258,11 @@ def native_refusals(recipe: Recipe) -> list[str]:
                     f"MambaMixer always uses {megatron_name}={megatron_default}); use "
                     f"{megatron_default}, or --target plugin"
                 )
+    if recipe.plasticity.enabled:
+        problems.append(
+            "plasticity (FIRE/DASH/ReDo) runs as training hooks of the plugin's launcher; "
+            "stock Megatron-LM has no such seam: use --target plugin, or leave the plasticity "
+            "section at its defaults")
     return problems
 
 
@@ -559,6 +570,20 @@ def translate(recipe: Recipe, target: str = "native",
         f.add("--null-tokenizer-eod-id", BYTE_EOD_ID, source="data.tokenizer",
               reason=f"the byte tokenizer's end-of-document id ({BYTE_EOD_ID}); "
               "NullTokenizer's default would be vocab_size - 1")
+
+    # ---- plasticity (plugin only: native refuses it above)
+    if plugin and recipe.plasticity.enabled:
+        for section in PLASTICITY_SECTIONS:
+            settings = getattr(recipe.plasticity, section)
+            if not (settings.steps if section == "fire" else settings.every):
+                continue
+            for name, value in vars(settings).items():
+                text = plasticity_flag_value(value)
+                if text is not None and text != "":
+                    f.add(plasticity_flag(section, name), text,
+                          source=f"plasticity.{section}.{name}")
+    elif plugin:
+        omit("plasticity", "no plasticity tool is scheduled")
 
     # ---- logging, receipts, provenance
     if recipe.logging.tensorboard_dir is not None:

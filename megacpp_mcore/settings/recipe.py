@@ -49,6 +49,7 @@ from megacpp_mcore.settings.config import (
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
+    PlasticityConfig,
     PrecisionConfig,
     TrainingConfig,
 )
@@ -92,6 +93,7 @@ class Recipe:
         training: the training schedule and optimizer section.
         data: the data section.
         logging: the logging and receipts section.
+        plasticity: the plasticity section (FIRE, DASH, ReDo; plugin only).
         source: where the recipe was loaded from (set by the loader; not a key).
         overrides: the --set overrides applied on top of the file (set by the loader; not a
             key).
@@ -110,6 +112,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
     source: str = field(default="", compare=False, metadata={"key": False})
     overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
 
@@ -282,7 +285,8 @@ def _plain(value: Any) -> Any:
 
 #: integer keys that may be zero (every other integer must be >= 1).
 _NON_NEGATIVE_INTS = frozenset(
-    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters"}
+    {"mtp_depths", "training.lr_warmup_iters", "training.seed", "training.eval_iters",
+     "plasticity.fire.rewarmup_iters"}
 )
 
 
@@ -303,6 +307,10 @@ _FLOAT_RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
     "training.adam_beta1": ("in [0, 1)", _in_unit),
     "training.adam_beta2": ("in [0, 1)", _in_unit),
     "training.clip_grad": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+    "plasticity.dash.lam": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "plasticity.dash.alpha": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "plasticity.redo.tau": ("in [0, 1)", _in_unit),
+    "plasticity.redo.beta": ("in (0, 1]", lambda v: 0 < v <= 1),
 }
 
 
@@ -745,6 +753,15 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             f"training.eval_interval ({training.eval_interval}) is set but "
             "training.eval_iters is 0; set eval_iters >= 1 or eval_interval null"
         )
+
+    # plasticity
+    fire = recipe.plasticity.fire
+    late = [s for s in fire.steps if s > training.train_iters]
+    if late:
+        problems.append(f"plasticity.fire.steps {late} lie beyond training.train_iters "
+                        f"({training.train_iters})")
+    if len(set(fire.steps)) != len(fire.steps):
+        problems.append(f"plasticity.fire.steps {list(fire.steps)} repeats a step")
 
     # data
     if data.source == "path" and not data.paths:
