@@ -237,6 +237,6 @@ def test_redo_recycles_planted_dead_units(megatron_single_process):
         assert optimizer.state[fc1]["exp_avg"][unit].abs().sum() == 0
         assert optimizer.state[fc2]["exp_avg_sq"][:, unit].abs().sum() == 0
     alive = [i for i in range(128) if i not in dead]
-    old_fc1 = before[[n for n, p in model.named_parameters() if p is fc1][0]]
+    old_fc1 = before[next(n for n, p in model.named_parameters() if p is fc1)]
     assert torch.equal(fc1[alive], old_fc1[0][alive])
     assert torch.equal(optimizer.state[fc1]["exp_avg"][alive], old_fc1[1]["exp_avg"][alive])

@@ -129,9 +129,11 @@ class DashHook(TrainingHook):
             new, scale = shrink_rows_sharded(slot.full(), grad, self.lam, part.tp_dim,
                                              part.tp_group)
             slot.write(new)
-            digests.append(sharding.digest(scale))
-            shrunk += int((scale < 1).sum())
-            rows += scale.numel()
+            # the whole layer's decision: a column-parallel weight's rows are split over TP
+            whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
+            digests.append(sharding.digest(whole))
+            shrunk += int((whole < 1).sum())
+            rows += whole.numel()
         sharding.assert_agree(f"DASH at step {step}", digests, agreement_groups(self._parts))
         self._events.append({"step": step, "kind": "dash", "touched": shrunk,
                              "seconds": time.perf_counter() - started, "rows": rows,
