@@ -221,6 +221,8 @@ class RedoHook(TrainingHook):
             dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
             groups[id(dp)] = dp
         sharding.assert_agree(f"ReDo at step {step}", digests, list(groups.values()))
+        if not digests:
+            return  # nothing observed yet: no check happened
         self._events.append({"step": step, "kind": "redo",
                              "touched": sum(r["recycled"] for r in layers),
                              "seconds": time.perf_counter() - started, "tau": self.tau,
