@@ -181,3 +181,34 @@ def test_launcher_runs_the_plasticity_hooks(megatron_single_process, tmp_path):
         with pytest.raises(Exception, match="iter_0000005"):
             _drive(args, model, iterations=1, first_iteration=5,
                    hooks=launcher.hooks_from_args(args))
+
+
+@pytest.mark.slow
+def test_train_command_runs_all_plasticity_tools_on_cpu(tmp_path, capsys):
+    """`megacpp train tiny` with FIRE, DASH and ReDo scheduled inside 60 steps: it trains and
+    its receipt holds every intervention."""
+    settings = [*SMALL, "plasticity.fire.steps=[20,40]", "plasticity.fire.rewarmup_iters=5",
+                "plasticity.dash.every=15", "plasticity.dash.start=10",
+                "plasticity.redo.every=25", "plasticity.redo.start=25",
+                "plasticity.redo.tau=0.1"]
+    overrides = [token for setting in settings for token in ("--set", setting)]
+    code = main(["train", "tiny", "--device", "cpu", "--train-iters", "60",
+                 "--receipt", str(tmp_path / "r.json"), *overrides])
+    assert code == 0, capsys.readouterr().err
+    data = load_receipt(tmp_path / "r.json").data
+    assert data["run"]["status"] == "completed"
+    events = data["events"]
+    assert [(e["step"], e["kind"]) for e in events] == [
+        (10, "dash"), (20, "fire"), (25, "dash"), (25, "redo"), (40, "fire"), (40, "dash"),
+        (50, "redo"), (55, "dash")]
+    for event in events:
+        assert {"step", "kind", "touched", "seconds"} <= event.keys()
+        assert isinstance(event["touched"], int) and event["seconds"] >= 0
+    fire = events[1]
+    assert fire["touched"] > 0 and fire["method"] == "exact" and fire["mode"] == "all"
+    redo = events[3]
+    assert {r["family"] for r in redo["layers"]} == {"E", "F"}
+    assert all(r["checked"] > 0 for r in redo["layers"])
+    losses = [iv["loss"] for iv in data["intervals"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert data["intervals"][-1]["goodput"]["buckets"]["plasticity"] > 0
