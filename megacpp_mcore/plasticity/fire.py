@@ -22,7 +22,13 @@ import torch
 
 from megacpp_mcore.plasticity import sharding
 from megacpp_mcore.plasticity.adapter import OptimizerAdapter, param_groups
-from megacpp_mcore.plasticity.parts import Part, agreement_groups, by_param, fire_targets
+from megacpp_mcore.plasticity.parts import (
+    Part,
+    agreement_groups,
+    by_param,
+    fire_targets,
+    walk_parts,
+)
 from megacpp_mcore.train.hooks import HookContext, TrainingHook
 
 METHODS = ("exact", "paper")
@@ -108,10 +114,12 @@ class FireHook(TrainingHook):
         self.mode, self.method, self.rewarmup_iters = mode, method, rewarmup_iters
         self._events: list[dict[str, Any]] = []
         self._parts: list[Part] = []
+        self._skipped: list[str] = []
         self._adapter: OptimizerAdapter | None = None
 
     def install(self, model_chunks, context: HookContext) -> None:
         self._parts = fire_targets(model_chunks, self.mode)
+        self._skipped = walk_parts(model_chunks)[1]  # modules that declare no parts
 
     def before_step(self, step, model_chunks, optimizer) -> None:
         if step in self.steps:
@@ -125,7 +133,8 @@ class FireHook(TrainingHook):
                 "step": step, "kind": "fire", "touched": len(self._parts),
                 "seconds": time.perf_counter() - started, "mode": self.mode,
                 "method": self.method,
-                "elements": sum(math.prod(p.global_shape()) for p in self._parts)})
+                "elements": sum(math.prod(p.global_shape()) for p in self._parts),
+                "skipped": self._skipped})
         factor = self.rewarmup_factor(step)
         if factor < 1.0:
             for group in param_groups(optimizer):
