@@ -25,7 +25,12 @@ import torch
 
 from megacpp_mcore.plasticity import sharding
 from megacpp_mcore.plasticity.adapter import OptimizerAdapter
-from megacpp_mcore.plasticity.parts import agreement_groups, by_param, fire_targets, param_names
+from megacpp_mcore.plasticity.parts import (
+    assert_decisions_agree,
+    by_param,
+    fire_targets,
+    param_names,
+)
 from megacpp_mcore.train.hooks import HookContext, TrainingHook
 
 EPS = 1e-30
@@ -131,10 +136,10 @@ class DashHook(TrainingHook):
             slot.write(new)
             # the whole layer's decision: a column-parallel weight's rows are split over TP
             whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
-            digests.append(sharding.digest(whole))
+            digests.append((part, sharding.digest(whole)))
             shrunk += int((whole < 1).sum())
             rows += whole.numel()
-        sharding.assert_agree(f"DASH at step {step}", digests, agreement_groups(self._parts))
+        assert_decisions_agree(f"DASH at step {step}", digests)
         self._events.append({"step": step, "kind": "dash", "touched": shrunk,
                              "seconds": time.perf_counter() - started, "rows": rows,
                              "params": len(self._targets), "lam": self.lam})

@@ -24,7 +24,7 @@ from megacpp_mcore.plasticity import sharding
 from megacpp_mcore.plasticity.adapter import OptimizerAdapter, param_groups
 from megacpp_mcore.plasticity.parts import (
     Part,
-    agreement_groups,
+    assert_decisions_agree,
     by_param,
     fire_targets,
     walk_parts,
@@ -75,9 +75,9 @@ def isometry_reference(weight: torch.Tensor, method: str = "exact") -> torch.Ten
 @torch.no_grad()
 def fire_parts(parts: Sequence[Part], adapter: OptimizerAdapter, method: str = "exact",
                ) -> list[str]:
-    """FIRE every part in place (model param, main param, moments of its rows); returns a
-    digest per parameter of what was written (for the cross-rank agreement check)."""
-    digests = []
+    """FIRE every part in place (model param, main param, moments of its rows); returns
+    ``(part, digest of what was written)`` pairs for the cross-rank agreement check."""
+    digests = []  # (part, digest of the whole new part)
     for param, its_parts in by_param(parts):
         slot = adapter.slot(param)
         full = slot.full()
@@ -96,7 +96,7 @@ def fire_parts(parts: Sequence[Part], adapter: OptimizerAdapter, method: str = "
             else:
                 full[index] = mine
                 reset[index] = True
-            digests.append(sharding.digest(new))
+            digests.append((part, sharding.digest(new)))
         slot.write(full, reset)
     return digests
 
@@ -127,8 +127,7 @@ class FireHook(TrainingHook):
             if self._adapter is None or self._adapter.optimizer is not optimizer:
                 self._adapter = OptimizerAdapter(optimizer)
             digests = fire_parts(self._parts, self._adapter, self.method)
-            sharding.assert_agree(f"FIRE at step {step}", digests,
-                                  agreement_groups(self._parts))
+            assert_decisions_agree(f"FIRE at step {step}", digests)
             self._events.append({
                 "step": step, "kind": "fire", "touched": len(self._parts),
                 "seconds": time.perf_counter() - started, "mode": self.mode,

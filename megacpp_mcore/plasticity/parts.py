@@ -232,17 +232,29 @@ def param_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
             for name, p in chunk.named_parameters()}
 
 
-def agreement_groups(parts: Sequence[Part]) -> list:
-    """The groups whose ranks must decide identically about ``parts``: each part's tensor-
-    parallel group, and the data-parallel group of its replicas (the expert data-parallel
-    group for routed experts) when Megatron's parallel state is initialised."""
+def agreement_groups(parts: Sequence) -> list:
+    """The groups whose ranks must decide identically about ``parts`` (all dense or all
+    routed experts): each part's tensor-parallel group, and the data-parallel group of its
+    replicas (the expert data-parallel group for routed experts: expert-parallel ranks hold
+    other experts) when Megatron's parallel state is initialised."""
     from megatron.core import parallel_state
 
     groups = {id(p.tp_group): p.tp_group for p in parts if p.tp_group is not None}
-    if parallel_state.model_parallel_is_initialized():
-        dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        groups[id(dp)] = dp
+    if parts and parallel_state.model_parallel_is_initialized():
         if any(p.expert is not None for p in parts):
-            edp = parallel_state.get_expert_data_parallel_group()
-            groups[id(edp)] = edp
+            dp = parallel_state.get_expert_data_parallel_group()
+        else:
+            dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        groups[id(dp)] = dp
     return list(groups.values())
+
+
+def assert_decisions_agree(what: str, decisions: Sequence[tuple]) -> None:
+    """``decisions``: ``(part, digest)`` pairs (a part: anything with ``expert`` and
+    ``tp_group``). Dense and routed-expert decisions are checked over their own groups."""
+    from megacpp_mcore.plasticity import sharding
+
+    for experts in (False, True):
+        mine = [(p, d) for p, d in decisions if (p.expert is not None) == experts]
+        sharding.assert_agree(what, [d for _, d in mine],
+                              agreement_groups([p for p, _ in mine]))

@@ -40,7 +40,7 @@ import torch
 
 from megacpp_mcore.plasticity import sharding
 from megacpp_mcore.plasticity.adapter import OptimizerAdapter
-from megacpp_mcore.plasticity.parts import Part, walk_parts
+from megacpp_mcore.plasticity.parts import Part, assert_decisions_agree, walk_parts
 from megacpp_mcore.train.hooks import HookContext, TrainingHook
 
 
@@ -204,7 +204,7 @@ class RedoHook(TrainingHook):
             ema /= seen
             dormant = dormant_units_sharded(ema, self.tau, mlp.tp_group)
             whole = sharding.gather(dormant, 0, mlp.tp_group)
-            digests.append(sharding.digest(whole))
+            digests.append((mlp, sharding.digest(whole)))
             if whole.any():
                 self._recycle(mlp, dormant, whole, step)
                 layer_mean = sharding.all_reduce(ema.sum().reshape(1), mlp.tp_group) / (
@@ -213,14 +213,7 @@ class RedoHook(TrainingHook):
             mlp.ema = ema
             n = int(whole.sum())
             layers.append(self._report(mlp, n, n))
-        groups = {}
-        for mlp in self.mlps:
-            if mlp.tp_group is not None:
-                groups[id(mlp.tp_group)] = mlp.tp_group
-        if initialised:
-            dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-            groups[id(dp)] = dp
-        sharding.assert_agree(f"ReDo at step {step}", digests, list(groups.values()))
+        assert_decisions_agree(f"ReDo at step {step}", digests)
         if not digests:
             return  # nothing observed yet: no check happened
         self._events.append({"step": step, "kind": "redo",
