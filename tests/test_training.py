@@ -160,6 +160,7 @@ def test_launcher_runs_the_plasticity_hooks(megatron_single_process, tmp_path):
         assert [h.name for h in hooks] == ["fire", "dash", "redo"]
         _drive(args, model, iterations=7, hooks=hooks)
         data = load_receipt(receipt).data
+        assert data["notes"]["training_hooks"] == ["fire", "dash", "redo"]
         kinds = [(e["step"], e["kind"]) for e in data["events"]]
         assert kinds == [(3, "dash"), (4, "fire"), (5, "redo"), (6, "dash")]
         assert all(e["touched"] > 0 and e["seconds"] >= 0 for e in data["events"])
@@ -197,6 +198,7 @@ def test_train_command_runs_all_plasticity_tools_on_cpu(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     data = load_receipt(tmp_path / "r.json").data
     assert data["run"]["status"] == "completed"
+    assert data["notes"]["training_hooks"] == ["fire", "dash", "redo"]
     events = data["events"]
     assert [(e["step"], e["kind"]) for e in events] == [
         (10, "dash"), (20, "fire"), (25, "dash"), (25, "redo"), (40, "fire"), (40, "dash"),

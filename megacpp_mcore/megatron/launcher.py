@@ -220,7 +220,8 @@ class RunTracker:
             model={"flops_per_token": flops, "peak_tflops": peak,
                    "training_path": "gpu: Megatron pretrain"},
             notes={"train_iters": args.train_iters, "save": args.save, "load": args.load,
-                   "resumed_from_step": resume_step or None},
+                   "resumed_from_step": resume_step or None,
+                   "training_hooks": [hook.name for hook in self.hooks]},
         )
 
     # ------------------------------------------------------------------ training hooks
