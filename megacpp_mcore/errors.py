@@ -36,3 +36,8 @@ class ReceiptError(MegacppError):
 
 class BenchError(MegacppError):
     """A benchmark request is malformed or cannot be measured faithfully here."""
+
+
+class PlasticityError(MegacppError):
+    """A plasticity tool (FIRE, DASH, ReDo) cannot act faithfully on this model, optimizer or
+    parallel set-up, or the ranks decided differently."""

@@ -180,7 +180,12 @@ def test_recipe_hash_is_stable_and_covers_settings(tmp_path):
 # --------------------------------------------------------------------------- types and keys
 
 TYPE_CASES = [
-    ("plasticity: {fire: true}", "plasticity: unknown key", "accepted: the keys of a recipe"),
+    ("plastic: {fire: true}", "plastic: unknown key", "accepted: the keys of a recipe"),
+    ("plasticity: {fire: true}", "plasticity.fire: expected a section", "steps"),
+    ("plasticity: {dash: {lam: 0}}", "plasticity.dash.lam: must be in (0, 1]", None),
+    ("plasticity: {fire: {steps: [0]}}", "plasticity.fire.steps[0]: must be a positive", None),
+    ("plasticity: {fire: {mode: qk}}", "plasticity.fire.mode: got a string ('qk')",
+     "context_extension"),
     ("model: {moe: {topk: 2}}", "model.moe.topk: unknown key", "top_k"),
     ("model: {hidden_size: true}", "model.hidden_size: expected an integer, got a boolean "
      "(true)", None),
@@ -413,7 +418,9 @@ def test_overrides(tmp_path):
     [
         ("model.hiden_size=1", "--set model.hiden_size=1: model.hiden_size: unknown key; "
          "accepted keys of model: hidden_size"),
-        ("plasticity.fire=true", "plasticity: unknown key"),
+        ("plastic.fire=true", "plastic: unknown key"),
+        ("plasticity.fire.stepz=[3]", "plasticity.fire.stepz: unknown key; accepted keys of "
+         "plasticity.fire: steps, mode, method, rewarmup_iters"),
         ("base=other.yaml", "base cannot be overridden"),
         ("model.hidden_size", "expected KEY=VALUE"),
         ("model.hidden_size.x=1", "model.hidden_size is a value, not a section"),

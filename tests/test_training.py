@@ -10,7 +10,6 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.training.argument_utils import hybrid_config_from_args
 from megatron.training.models.hybrid import HybridModelBuilder
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megacpp_mcore.cli.main import main
 from megacpp_mcore.cpu_support import adapt_model_for_cpu
@@ -99,30 +98,45 @@ def test_train_command_on_cpu(tmp_path, capsys):
     assert main(["train", "tiny", "--device", "cpu", "--", "--save", "x"]) == 2
 
 
-def _drive(args, model, iterations, first_iteration=0):
+class _MegatronStandIn(torch.optim.AdamW):
+    """What the launcher reads from Megatron's optimizer (``scale_loss`` set as the model
+    config's ``grad_scale_func``, ``get_loss_scale``, ``model_chunks``); Megatron's own
+    optimizers need CUDA (tests/gpu runs them)."""
+
+    def scale_loss(self, loss):
+        return loss
+
+    def get_loss_scale(self):
+        return torch.tensor(1.0)
+
+
+def _drive(args, model, iterations, first_iteration=0, hooks=None):
     """What Megatron's train loop does around our hooks: set curr_iteration, run the
     micro-batches through forward_step/loss_func, step the optimizer."""
+    from megatron.core.utils import get_model_config
+
     train, _, _ = launcher.dataset_provider([64, 0, 0])
     loader = iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    launcher.TRACKER = launcher.RunTracker(args)
-    handle = register_optimizer_step_post_hook(launcher.TRACKER.on_optimizer_step)
+    optimizer = _MegatronStandIn(model.parameters(), lr=1e-3)
+    optimizer.model_chunks = [model]
+    get_model_config(model).grad_scale_func = optimizer.scale_loss
+    launcher.TRACKER = launcher.RunTracker(args, hooks)
     try:
         for iteration in range(first_iteration, first_iteration + iterations):
             args.curr_iteration = iteration
+            optimizer.zero_grad()
             for _ in range(2):
                 output, loss = launcher.forward_step(loader, model)
                 loss_sum, tokens, report = loss(output)
                 (loss_sum / tokens / 2).backward()
                 assert report["lm loss"].shape == (2,)
             optimizer.step()
-            optimizer.zero_grad()
             if args.save and (iteration + 1) % args.save_interval == 0:
                 time.sleep(0.2)  # stands in for Megatron writing a checkpoint
         launcher.TRACKER.finish("completed")
     finally:
-        handle.remove()
         launcher.TRACKER = None
+    return launcher
 
 
 def test_launcher_wiring_writes_and_continues_the_receipt(megatron_single_process, tmp_path):
@@ -151,3 +165,81 @@ def test_launcher_wiring_writes_and_continues_the_receipt(megatron_single_proces
     assert [iv["step"] for iv in resumed["intervals"]] == [5, 10]
     assert resumed["run"]["resumes"][0]["step"] == 5
     assert resumed["intervals"][1]["warmup"]  # the first interval after a restart
+
+
+@pytest.mark.slow
+def test_launcher_runs_the_plasticity_hooks(megatron_single_process, tmp_path):
+    """The plugin's flags build the hooks; before_step/after_step run at Megatron's points;
+    events reach the receipt; hook state is saved per iteration and restored on resume."""
+    compat.use_shipped_dataset_helpers()
+    recipe = load_recipe("tiny", [*SMALL, "backend=local", "plasticity.fire.steps=[4]",
+                                  "plasticity.dash.every=3", "plasticity.dash.start=3",
+                                  "plasticity.redo.every=4", "plasticity.redo.start=5",
+                                  "plasticity.redo.tau=0.3"])
+    receipt = tmp_path / "gpu.json"
+    ckpt = tmp_path / "ckpt"
+    extra = ["--use-cpu-initialization", "--megacpp-receipt", str(receipt),
+             "--save", str(ckpt), "--save-interval", "3"]
+    with parsed_megatron_args(translate(recipe, "plugin"), extra) as args:
+        args.data_path = [str(prepare_embedded())]
+        model = HybridModelBuilder(hybrid_config_from_args(args)).build_model(
+            ProcessGroupCollection.use_mpu_process_groups())
+        adapt_model_for_cpu(model)
+        hooks = launcher.hooks_from_args(args)
+        assert [h.name for h in hooks] == ["fire", "dash", "redo"]
+        _drive(args, model, iterations=7, hooks=hooks)
+        data = load_receipt(receipt).data
+        assert data["notes"]["training_hooks"] == ["fire", "dash", "redo"]
+        kinds = [(e["step"], e["kind"]) for e in data["events"]]
+        assert kinds == [(3, "dash"), (4, "fire"), (5, "redo"), (6, "dash")]
+        assert all(e["touched"] > 0 and e["seconds"] >= 0 for e in data["events"])
+        assert data["intervals"][-1]["goodput"]["buckets"]["plasticity"] > 0
+        saved = sorted(p.parent.name for p in (ckpt / launcher.HOOK_STATE_DIR).rglob("*.pt"))
+        assert saved == ["iter_0000003", "iter_0000006", "iter_0000007"]
+        state = torch.load(ckpt / launcher.HOOK_STATE_DIR / "iter_0000006" / "rank00000.pt")
+        assert state["step"] == 6 and state["hooks"]["dash"]["ema"]
+        # resume at 6: the hooks start from the saved state, not from scratch
+        args.load = str(ckpt)
+        resumed = launcher.hooks_from_args(args)
+        _drive(args, model, iterations=1, first_iteration=6, hooks=resumed)
+        dash = next(h for h in resumed if h.name == "dash")
+        redo = next(h for h in resumed if h.name == "redo")
+        assert any(m.ema is not None for m in redo.mlps)
+        assert dash.ema.keys() == state["hooks"]["dash"]["ema"].keys()
+        # and a checkpoint without hook state is refused, naming the file
+        args.curr_iteration = 5
+        with pytest.raises(Exception, match="iter_0000005"):
+            _drive(args, model, iterations=1, first_iteration=5,
+                   hooks=launcher.hooks_from_args(args))
+
+
+@pytest.mark.slow
+def test_train_command_runs_all_plasticity_tools_on_cpu(tmp_path, capsys):
+    """`megacpp train tiny` with FIRE, DASH and ReDo scheduled inside 60 steps: it trains and
+    its receipt holds every intervention."""
+    settings = [*SMALL, "plasticity.fire.steps=[20,40]", "plasticity.fire.rewarmup_iters=5",
+                "plasticity.dash.every=15", "plasticity.dash.start=10",
+                "plasticity.redo.every=25", "plasticity.redo.start=25",
+                "plasticity.redo.tau=0.1"]
+    overrides = [token for setting in settings for token in ("--set", setting)]
+    code = main(["train", "tiny", "--device", "cpu", "--train-iters", "60",
+                 "--receipt", str(tmp_path / "r.json"), *overrides])
+    assert code == 0, capsys.readouterr().err
+    data = load_receipt(tmp_path / "r.json").data
+    assert data["run"]["status"] == "completed"
+    assert data["notes"]["training_hooks"] == ["fire", "dash", "redo"]
+    events = data["events"]
+    assert [(e["step"], e["kind"]) for e in events] == [
+        (10, "dash"), (20, "fire"), (25, "dash"), (25, "redo"), (40, "fire"), (40, "dash"),
+        (50, "redo"), (55, "dash")]
+    for event in events:
+        assert {"step", "kind", "touched", "seconds"} <= event.keys()
+        assert isinstance(event["touched"], int) and event["seconds"] >= 0
+    fire = events[1]
+    assert fire["touched"] > 0 and fire["method"] == "exact" and fire["mode"] == "all"
+    redo = events[3]
+    assert {r["family"] for r in redo["layers"]} == {"E", "F"}
+    assert all(r["checked"] > 0 for r in redo["layers"])
+    losses = [iv["loss"] for iv in data["intervals"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert data["intervals"][-1]["goodput"]["buckets"]["plasticity"] > 0

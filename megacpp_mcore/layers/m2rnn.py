@@ -32,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megacpp_mcore.layers.mixer_common import (
     causal_depthwise_conv,
+    consecutive_parts,
     conv_init,
     dt_bias_init,
     grouped_rms_norm,
@@ -183,16 +184,28 @@ class RecurrentMixer(MegatronModule):
         y = grouped_rms_norm(y.reshape(batch, length, H * V), self.norm_weight, group, NORM_EPS)
         return y.to(projected.dtype)
 
+    def local_in_proj_parts(self) -> list[tuple[str, int]]:
+        """:meth:`in_proj_parts` per tensor-parallel rank (every part split evenly on dim 0)."""
+        tp = self.num_heads // self.heads_local
+        return [(name, width // tp) for name, width in self.in_proj_parts()]
+
     def fused_parts(self) -> dict[str, list[tuple[str, int]]]:
-        """The logical parts of the fused parameters, per tensor-parallel rank (rows, dim 0):
-        checkpoints save them part by part, and plasticity tools read them from here."""
-        H, K, V = self.heads_local, self.k_head_dim, self.v_head_dim
-        conv = [("q", H * K), ("k", H * K), ("v", H * V)]
-        return {
-            "in_proj.weight": [*conv, ("g", H * V), ("f", H)],
-            "conv1d_weight": conv,
-            "conv1d_bias": conv,
-        }
+        """The logical parts of the fused parameters, per tensor-parallel rank (rows, dim 0),
+        in the order this layer's variant declares: checkpoints save them part by part."""
+        local = dict(self.local_in_proj_parts())
+        conv = [(name, local[name]) for name in ("q", "k", "v")]
+        return {"in_proj.weight": self.local_in_proj_parts(), "conv1d_weight": conv,
+                "conv1d_bias": conv}
+
+    def plasticity_parts(self) -> list[tuple]:
+        """The logical parts of the projections, for plasticity tools (``plasticity.parts``):
+        ``(name, parameter, local row ranges or None, tensor-parallel dim)``. ``in_proj`` is
+        column parallel with the local rows in :meth:`in_proj_parts` order; ``state`` is the
+        per-head state matrix W (never touched unless a tool asks for it)."""
+        sizes = dict(self.local_in_proj_parts())
+        return [*consecutive_parts(self.in_proj.weight, sizes, tp_dim=0),
+                ("out", self.out_proj.weight, None, 1),
+                ("state", self.state_weight, None, 0)]
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return mixer_sharded_state_dict(

@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megacpp_mcore.layers.mixer_common import (
     GroupedRMSNorm,
     causal_depthwise_conv,
+    consecutive_parts,
     conv_init,
     dt_bias_init,
     in_projection,
@@ -157,6 +158,16 @@ class Mamba2Mixer(MegatronModule):
         )
         y = y.reshape(batch, length, self.d_inner_local_tp) * F.silu(z.float())
         return self.norm(y).to(zxbcdt.dtype)
+
+    def plasticity_parts(self) -> list[tuple]:
+        """The logical parts of the projections, for plasticity tools (``plasticity.parts``):
+        ``(name, parameter, local row ranges or None, tensor-parallel dim)``. ``in_proj`` is
+        column parallel with the local rows z | x | B | C | dt; ``out_proj`` is row parallel."""
+        group_dim = self.ngroups_local * self.d_state
+        sizes = {"z": self.d_inner_local, "x": self.d_inner_local, "B": group_dim,
+                 "C": group_dim, "dt": self.nheads_local}
+        return [*consecutive_parts(self.in_proj.weight, sizes, tp_dim=0),
+                ("out", self.out_proj.weight, None, 1)]
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Megatron's ``MambaMixer`` checkpoint layout, by calling its own method: it reads

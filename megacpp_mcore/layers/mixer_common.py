@@ -55,6 +55,19 @@ def new_parameter(local: torch.Tensor, config, dtype: torch.dtype | None = None)
     return param
 
 
+def consecutive_parts(weight, local_sizes: dict[str, int], tp_dim: int) -> list[tuple]:
+    """Plasticity part declarations of a fused projection laid out per rank as
+    [part1_local | part2_local | ...]: ``(name, weight, ((start, stop),), tp_dim)`` each."""
+    parts, start = [], 0
+    for name, size in local_sizes.items():
+        parts.append((name, weight, ((start, start + size),), tp_dim))
+        start += size
+    if start != weight.shape[0]:
+        raise ValueError(f"declared parts ({local_sizes}) cover {start} rows of a fused "
+                         f"projection with {weight.shape[0]}")
+    return parts
+
+
 def init_fused_projection(linear, part_sizes: list[int], config, rank: int, size: int) -> None:
     """Re-draw a column-parallel projection that packs several parts (q | k | v | ...).
 

@@ -26,10 +26,14 @@ from typing import Any
 from megacpp_mcore.errors import PatternError, RecipeError, SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.settings.config import (
+    DashConfig,
     DataConfig,
+    FireConfig,
     MambaConfig,
     ModelConfig,
+    PlasticityConfig,
     RecurrentConfig,
+    RedoConfig,
     StpConfig,
 )
 from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
@@ -72,6 +76,15 @@ def register_row(group: Any, row: Any) -> None:
     else:
         group.add_argument(row.flag, type=_parser_for(row.key, plain), default=default,
                            metavar="VALUE", help=help_text)
+
+
+#: plasticity section -> its settings class; every field is one table row whose flag is
+#: --megacpp-plasticity-SECTION-FIELD (underscores as dashes).
+PLASTICITY_SECTIONS = {"fire": FireConfig, "dash": DashConfig, "redo": RedoConfig}
+
+
+def plasticity_flag(section: str, name: str) -> str:
+    return BY_KEY[f"plasticity.{section}.{name}"].flag
 
 
 def _dest(flag: str) -> str:
@@ -170,6 +183,7 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         + " (mock and path also have Megatron's own --mock-data / --data-path; embedded "
         "exists only here).",
     )
+    _add_plasticity_args(group)
     return parser
 
 
@@ -195,6 +209,62 @@ def _add_stp_args(group) -> None:
 def stp_config_from_args(args: Any) -> StpConfig:
     """The STP section from Megatron's parsed args (``--megacpp-stp``, ``--megacpp-stp-*``)."""
     return section_from_args("stp", args)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _add_plasticity_args(group) -> None:
+    """One flag per field of the plasticity sections (defaults and help from the classes)."""
+    for section, cls in PLASTICITY_SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp = _hint(cls, f.name)
+            args: dict[str, Any] = {"default": f.default, "help": f"plasticity {section}: "
+                                    f"{docs[f.name]} (default {f.default})"}
+            if typing.get_origin(tp) is tuple:
+                args.update(type=_step_list, default=(), metavar="STEP,STEP,...")
+            elif typing.get_origin(tp) is typing.Literal:
+                args.update(choices=typing.get_args(tp))
+            elif tp is float:
+                args.update(type=_unit_float, metavar="X")
+            else:  # int or int | None
+                args.update(type=_positive_int if f.name != "rewarmup_iters" else int,
+                            metavar="N")
+            group.add_argument(plasticity_flag(section, f.name), **args)
+
+
+def plasticity_config_from_args(args: Any) -> PlasticityConfig:
+    """The plasticity section from Megatron's parsed args (``--megacpp-plasticity-*``)."""
+    sections = {}
+    for section, cls in PLASTICITY_SECTIONS.items():
+        values = {f.name: _megacpp(args, plasticity_flag(section, f.name))
+                  for f in dataclasses.fields(cls)}
+        sections[section] = cls(**values)
+    return PlasticityConfig(**sections)
 
 
 def _hint(cls: type, name: str) -> Any:
@@ -287,9 +357,11 @@ def model_config_from_args(args: Any) -> ModelConfig:
 
 
 __all__ = [
+    "PLASTICITY_SECTIONS",
     "add_megacpp_args",
     "mamba_config_from_args",
     "model_config_from_args",
+    "plasticity_config_from_args",
     "recurrent_config_from_args",
     "register_row",
     "section_from_args",

@@ -8,8 +8,26 @@ HybridModel builder builds every layer through this project's specs), then
 ``pretrain_cfg_container_from_args`` and ``pretrain``. The wheel ships no dataset provider or
 forward step; the ~60 lines below are those, for Megatron's GPT datasets (indexed or mock).
 
-Receipts: a global optimizer step post-hook (a public torch API, so nothing in Megatron is
-patched) fires inside Megatron's optimizer step once per iteration and feeds the
+Training hooks (:mod:`megacpp_mcore.train.hooks`, built by
+:func:`megacpp_mcore.features.build_training_hooks` from the plugin's flags) run at the same
+points as on the CPU path, through seams Megatron already offers (nothing is patched):
+
+* the optimizer is the object Megatron itself handed to the model config
+  (``config.grad_scale_func`` is its bound ``scale_loss``); the model chunks are its
+  ``model_chunks``;
+* ``install`` and ``before_step(step)`` run from the plugin's forward step, at the first
+  micro-batch of each training iteration: the previous step (including Megatron's copy of fp32
+  main params into model params and the data-parallel param gather) is complete and no
+  gradient of this iteration exists yet, the safe point to apply interventions;
+* ``after_step(step)`` runs from a torch step post-hook on the LAST inner optimizer Megatron
+  steps (per instance, not process-global): every inner step is done and the reduced main
+  grads are still there (they are zeroed at the start of the next iteration);
+* hook metrics go to the receipt meter and Megatron's TensorBoard writer, events to the
+  receipt, hook time to the goodput bucket the hook names, hook state to a file per saved
+  iteration and rank under ``--save`` (``megacpp_hooks/iter_NNNNNNN/rankNNNNN.pt``), read back
+  on ``--load`` so a resumed run decides as an uninterrupted one.
+
+Receipts: the same post-hook closes each iteration in the
 :class:`~megacpp_mcore.train.meter.IntervalMeter`; the loss comes from the loss function below,
 aux losses from Megatron's MoE tracker. Checkpoints are Megatron's (``--save``/``--load``);
 a resumed run continues its receipt.
@@ -21,16 +39,25 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megacpp_mcore.backend import dsa_rotation, receipt_backends
 from megacpp_mcore.errors import MegacppError
+from megacpp_mcore.features import build_training_hooks
 from megacpp_mcore.megatron import compat
-from megacpp_mcore.megatron.args import add_megacpp_args
+from megacpp_mcore.megatron.args import (
+    add_megacpp_args,
+    plasticity_config_from_args,
+    stp_config_from_args,
+)
 from megacpp_mcore.receipt import Receipt, Terminated, load_receipt, sigterm_raises
+from megacpp_mcore.train.hooks import HookContext, HookList
 from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
+
+#: folder under --save / --load with the training hooks' state, one file per iteration and rank.
+HOOK_STATE_DIR = "megacpp_hooks"
 
 #: the tracker of this process (set by main); the forward step and hooks report into it.
 TRACKER: RunTracker | None = None
@@ -94,6 +121,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         TRACKER.ensure_started()
         if model.training:
             TRACKER.account_gap()
+            TRACKER.begin_iteration(model)
     started = time.perf_counter()
     batch = next(data_iterator)
     if TRACKER is not None and model.training:
@@ -101,6 +129,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in batch.items()}
+    if TRACKER is not None and model.training:
+        TRACKER.hooks.before_micro_batch({"tokens": batch["tokens"]})
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"], model.training)
@@ -112,14 +142,20 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
 class RunTracker:
     """Per-process training telemetry; rank 0 of the last pipeline stage writes the receipt."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, hooks: HookList | None = None) -> None:
         from megacpp_mcore.layout import parse_pattern
 
         self.args = args
         self.layout = parse_pattern(args.megacpp_pattern) if args.megacpp_pattern else None
         self.meter: IntervalMeter | None = None
         self.writer = False
-        self._lead_optimizer: int | None = None
+        self.hooks = hooks if hooks is not None else HookList()
+        self.optimizer = None
+        self.model_chunks: list = []
+        self.context: HookContext | None = None
+        self._step_handle = None
+        self._begun_step: int | None = None
+        self._saved_step: int | None = None
         self._last_step: tuple[int, float] | None = None
 
     def ensure_started(self) -> None:
@@ -190,20 +226,105 @@ class RunTracker:
             model={"flops_per_token": flops, "peak_tflops": peak,
                    "training_path": "gpu: Megatron pretrain"},
             notes={"train_iters": args.train_iters, "save": args.save, "load": args.load,
-                   "resumed_from_step": resume_step or None},
+                   "resumed_from_step": resume_step or None,
+                   "training_hooks": [hook.name for hook in self.hooks]},
         )
 
-    def on_optimizer_step(self, optimizer, *_args, **_kwargs) -> None:
-        """Global torch optimizer post-hook: once per iteration (the first inner optimizer)."""
-        if self._lead_optimizer is None:
-            self._lead_optimizer = id(optimizer)
-        if id(optimizer) != self._lead_optimizer:
+    # ------------------------------------------------------------------ training hooks
+
+    def _attach(self, model) -> None:
+        """At the first training micro-batch: find the optimizer Megatron built (its bound
+        ``scale_loss`` is the model config's ``grad_scale_func``), install the hooks on its
+        model chunks, hook the last inner optimizer's step, restore hook state on resume."""
+        from megatron.core.utils import get_model_config
+
+        from megacpp_mcore.plasticity.adapter import inner_optimizers
+
+        scale = getattr(get_model_config(model), "grad_scale_func", None)
+        optimizer = getattr(scale, "__self__", None)
+        if optimizer is None:
+            raise MegacppError("Megatron gave the model config no optimizer (grad_scale_func "
+                               "is unset); the plugin's training hooks need one")
+        self.optimizer = optimizer
+        self.model_chunks = list(getattr(optimizer, "model_chunks", None) or [model])
+        inner = inner_optimizers(optimizer)
+        if not inner:
+            raise MegacppError("Megatron's optimizer has no inner optimizer on this rank")
+        self._step_handle = inner[-1].register_step_post_hook(self._on_step_done)
+        self.context = HookContext(num_microbatches=self.num_microbatches,
+                                   loss_scale=float(optimizer.get_loss_scale()),
+                                   path="megatron", layout=self.layout,
+                                   extra={"args": self.args, "eod_id": _eod_id()})
+        self.hooks.install(self.model_chunks, self.context)
+        if self.args.load and self.args.curr_iteration > 0 and self.hooks:
+            self._load_hook_state(self.args.curr_iteration)
+
+    def begin_iteration(self, model) -> None:
+        """Training micro-batch: at the first one of an iteration, ``before_step``."""
+        if self.optimizer is None:
+            self._attach(model)
+        step = self.args.curr_iteration + 1
+        if step == self._begun_step:
             return
+        self._begun_step = step
+        self.context.loss_scale = float(self.optimizer.get_loss_scale())
+        self.hooks.before_step(step, self.model_chunks, self.optimizer)
+
+    def _on_step_done(self, inner_optimizer, *_args, **_kwargs) -> None:
+        """Post-hook of the last inner optimizer: the iteration's optimizer step is done."""
         step = self.args.curr_iteration + 1
         self.ensure_started()
+        self.hooks.after_step(step, self.model_chunks, self.optimizer)
+        for bucket, seconds in self.hooks.pop_timings().items():
+            self.meter.goodput.add(bucket, seconds)
+        metrics = self.hooks.metrics()
+        events = self.hooks.events()
+        self._to_tensorboard(step, metrics, events)
+        self.meter.receipt.add_events(events)
         self.meter.add_aux(moe_aux_losses(self.num_microbatches, clear=False))
-        self.meter.step_done(step, optimizer.param_groups[0]["lr"])
+        self.meter.add_aux(metrics)
+        self.meter.step_done(step, inner_optimizer.param_groups[0]["lr"])
+        args = self.args
+        if self.hooks and args.save and args.save_interval and step % args.save_interval == 0:
+            self._save_hook_state(step)
         self._last_step = (step, time.perf_counter())
+
+    def _to_tensorboard(self, step: int, metrics: dict, events: list) -> None:
+        from megatron.training import get_tensorboard_writer
+
+        writer = get_tensorboard_writer()
+        if writer is None:
+            return
+        for name, value in metrics.items():
+            writer.add_scalar(f"megacpp/{name}", value, step)
+        for event in events:
+            writer.add_scalar(f"plasticity/{event['kind']}_touched", event["touched"], step)
+            writer.add_scalar(f"plasticity/{event['kind']}_seconds", event["seconds"], step)
+
+    def _hook_state_path(self, root: str, step: int) -> Path:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return Path(root) / HOOK_STATE_DIR / f"iter_{step:07d}" / f"rank{rank:05d}.pt"
+
+    def _save_hook_state(self, step: int) -> None:
+        path = self._hook_state_path(self.args.save, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "hooks": self.hooks.state_dict()}, tmp)
+        tmp.replace(path)
+        self._saved_step = step
+
+    def _load_hook_state(self, step: int) -> None:
+        path = self._hook_state_path(self.args.load, step)
+        if not path.is_file():
+            raise MegacppError(
+                f"resuming at iteration {step} with training hooks "
+                f"({', '.join(h.name for h in self.hooks)}) but their state {path} is missing: "
+                "the checkpoint was saved without them, so the run cannot decide as an "
+                "uninterrupted one; resume from a checkpoint saved with the same hooks")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.hooks.load_state_dict(state["hooks"])
+        if self.writer:
+            print(f"training hooks: state restored from {path.parent}")
 
     def account_gap(self) -> None:
         """At the first micro-batch after an optimizer step: Megatron spent the time since
@@ -218,6 +339,13 @@ class RunTracker:
             self.meter.goodput.add("checkpoint", time.perf_counter() - ended)
 
     def finish(self, status: str) -> None:
+        if self._step_handle is not None:
+            self._step_handle.remove()
+        last = self._last_step[0] if self._last_step else None
+        if (self.hooks and self.args.save and last is not None and status == "completed"
+                and self._saved_step != last):
+            self._save_hook_state(last)  # Megatron saves at the end of training, too
+        self.hooks.remove()
         if self.meter is not None and self.writer:
             self.meter.receipt.finish(status)
             print(f"receipt: {self.meter.receipt.path} ({status})")
@@ -237,6 +365,9 @@ class _NullReceipt:
     """Stands in for the receipt on ranks that do not write one."""
 
     path = None
+
+    def add_events(self, events, **_kwargs):
+        pass
 
     def log_interval(self, step, **fields):
         return {"step": step, "aux_losses": {}, **fields}
@@ -284,6 +415,31 @@ def dsa_rotation_for_this_machine(args) -> str | None:
     return note
 
 
+def _eod_id() -> int | None:
+    """The tokenizer's end-of-document id (STP never samples across it), or None."""
+    from megatron.training import get_tokenizer
+
+    try:
+        return int(get_tokenizer().eod)
+    except Exception:  # a tokenizer without an EOD token: documents are not split
+        return None
+
+
+def hooks_from_args(args) -> HookList:
+    """The run's training hooks from the plugin's flags (the recipe's feature sections)."""
+    recipe = SimpleNamespace(plasticity=plasticity_config_from_args(args),
+                             stp=stp_config_from_args(args),
+                             training=SimpleNamespace(seed=args.seed),
+                             data=SimpleNamespace(tokenizer=None))
+    hooks = build_training_hooks(recipe)
+    if hooks and getattr(args, "overlap_param_gather", False):
+        raise MegacppError(
+            "training hooks (" + ", ".join(h.name for h in hooks) + ") with "
+            "--overlap-param-gather: the data-parallel param gather would land after the "
+            "safe point and overwrite an intervention; drop --overlap-param-gather")
+    return hooks
+
+
 def main() -> int:
     """Parse Megatron's args (plugin flags included) and run Megatron's pretrain."""
     global TRACKER
@@ -310,8 +466,7 @@ def main() -> int:
     model_config = hybrid_config_from_args(args)
     config = pretrain_cfg_container_from_args(args, model_config)
 
-    TRACKER = RunTracker(args)
-    handle = register_optimizer_step_post_hook(TRACKER.on_optimizer_step)
+    TRACKER = RunTracker(args, hooks_from_args(args))
     status = "completed"
     try:
         with sigterm_raises():  # torchrun passes SIGTERM on to every rank
@@ -328,7 +483,6 @@ def main() -> int:
         raise
     finally:
         TRACKER.finish(status)
-        handle.remove()
     return 0
 
 

@@ -551,3 +551,85 @@ class StpConfig(_Checked):
     min_gap: int = 1
     layers: tuple[int, ...] = ()
     form: Literal["triple", "span"] = "triple"
+
+
+@dataclass(frozen=True)
+class FireConfig(_Checked):
+    """FIRE: re-initialise weight matrices to their nearest isometry at chosen steps.
+
+    Attributes:
+        steps: optimizer steps (1-based) before which FIRE runs; empty turns FIRE off.
+        mode: which parts: all (every declared matrix part), attention (the A layers' query,
+            key, value and output) or context_extension (only the A layers' query and key).
+        method: exact (polar factor by SVD: singular values equal sqrt(d_out/d_in)) or paper
+            (Frobenius-normalise, then 5 cubic Newton-Schulz steps, as the reference code).
+        rewarmup_iters: after each FIRE step, ramp the learning rate linearly back up over
+            this many steps; 0 turns the re-warm-up off.
+    """
+
+    PREFIX: ClassVar[str] = "plasticity.fire"
+
+    steps: tuple[int, ...] = ()
+    mode: Literal["all", "attention", "context_extension"] = "all"
+    method: Literal["exact", "paper"] = "exact"
+    rewarmup_iters: int = 0
+
+
+@dataclass(frozen=True)
+class DashConfig(_Checked):
+    """DASH: shrink weight rows whose gradient EMA points along the row.
+
+    Attributes:
+        every: steps between DASH steps; null turns DASH off.
+        start: first DASH step.
+        lam: smallest row scale (the paper's lambda).
+        alpha: weight of the newest gradient in the gradient EMA.
+    """
+
+    PREFIX: ClassVar[str] = "plasticity.dash"
+
+    every: int | None = None
+    start: int = 1
+    lam: float = 0.3
+    alpha: float = 0.3
+
+
+@dataclass(frozen=True)
+class RedoConfig(_Checked):
+    """ReDo: recycle dormant hidden units of the F and E (per expert) MLPs.
+
+    Attributes:
+        every: steps between ReDo checks; null turns ReDo off.
+        start: first ReDo check.
+        tau: a unit is dormant when its activity divided by its layer's mean is <= tau.
+        beta: weight of the newest step in the activity EMA.
+    """
+
+    PREFIX: ClassVar[str] = "plasticity.redo"
+
+    every: int | None = None
+    start: int = 1
+    tau: float = 0.025
+    beta: float = 0.1
+
+
+@dataclass(frozen=True)
+class PlasticityConfig(_Checked):
+    """Plasticity tools, each on its own cadence (they need the plugin, not native Megatron).
+
+    Attributes:
+        fire: the FIRE section.
+        dash: the DASH section.
+        redo: the ReDo section.
+    """
+
+    PREFIX: ClassVar[str] = "plasticity"
+
+    fire: FireConfig = field(default_factory=FireConfig)
+    dash: DashConfig = field(default_factory=DashConfig)
+    redo: RedoConfig = field(default_factory=RedoConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fire.steps) or self.dash.every is not None or (
+            self.redo.every is not None)

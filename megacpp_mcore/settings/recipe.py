@@ -49,6 +49,7 @@ from megacpp_mcore.settings.config import (
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
+    PlasticityConfig,
     PrecisionConfig,
     StpConfig,
     TrainingConfig,
@@ -96,6 +97,7 @@ class Recipe:
         data: the data section.
         logging: the logging and receipts section.
         stp: the STP auxiliary-loss section (trajectory straightening; off by default).
+        plasticity: the plasticity section (FIRE, DASH, ReDo; plugin only).
         source: where the recipe was loaded from (set by the loader; not a key).
         overrides: the --set overrides applied on top of the file (set by the loader; not a
             key).
@@ -115,6 +117,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stp: StpConfig = field(default_factory=StpConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
     source: str = field(default="", compare=False, metadata={"key": False})
     overrides: tuple[str, ...] = field(default=(), compare=False, metadata={"key": False})
 
@@ -791,6 +794,14 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             f"stp.layers {bad_layers}: decoder layers are numbered 1..{layout.depth} "
             "(multi-token-prediction layers cannot be chosen)"
         )
+    # plasticity
+    fire = recipe.plasticity.fire
+    late = [s for s in fire.steps if s > training.train_iters]
+    if late:
+        problems.append(f"plasticity.fire.steps {late} lie beyond training.train_iters "
+                        f"({training.train_iters})")
+    if len(set(fire.steps)) != len(fire.steps):
+        problems.append(f"plasticity.fire.steps {list(fire.steps)} repeats a step")
 
     # data
     if data.source == "path" and not data.paths:

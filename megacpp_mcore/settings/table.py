@@ -443,6 +443,26 @@ def _bool_value_flags(flag: str) -> Callable[[Any, Any], list[tuple]]:
     return lambda value, root: [(flag, "true" if value else "false")]
 
 
+def _plasticity_row(section: str, name: str, check: Check | None = None) -> Setting:
+    """A plasticity setting: it travels only while its tool is scheduled (a step list for
+    FIRE, a cadence for DASH and ReDo); lists travel comma-joined."""
+    flag = f"--megacpp-plasticity-{section}-{name.replace('_', '-')}"
+
+    def emit(value: Any, root: Any) -> list[tuple]:
+        tool = getattr(root.plasticity, section)
+        if not (tool.steps if section == "fire" else tool.every is not None) or value is None:
+            return []
+        if isinstance(value, tuple):
+            return [(flag, ",".join(str(v) for v in value))] if value else []
+        return [(flag, value)]
+
+    return Setting(f"plasticity.{section}.{name}", flag, emit=emit, check=check, register=False,
+                   reason="the plugin's training hooks (megacpp_mcore/plasticity/)")
+
+
+_UNIT_OPEN_LOW = Check("in (0, 1]", lambda v: 0 < v <= 1)
+
+
 _DEFAULT_DROPOUT = "explicit: Megatron's default is 0.1"
 _MAMBA_PLUGIN = "Megatron has no flag for it; the plugin's Mamba-2 mixer reads it"
 
@@ -635,6 +655,19 @@ SETTINGS: tuple[Setting, ...] = (
             native_omits="receipts are written by the plugin launcher (plugin target)",
             register=False),
     Setting("logging.tensorboard_dir", "--tensorboard-dir"),
+    # ---- plasticity (plugin only: the training hooks in megacpp_mcore/plasticity/)
+    _plasticity_row("fire", "steps"),
+    _plasticity_row("fire", "mode"),
+    _plasticity_row("fire", "method"),
+    _plasticity_row("fire", "rewarmup_iters", NON_NEGATIVE),
+    _plasticity_row("dash", "every"),
+    _plasticity_row("dash", "start"),
+    _plasticity_row("dash", "lam", _UNIT_OPEN_LOW),
+    _plasticity_row("dash", "alpha", _UNIT_OPEN_LOW),
+    _plasticity_row("redo", "every"),
+    _plasticity_row("redo", "start"),
+    _plasticity_row("redo", "tau", UNIT),
+    _plasticity_row("redo", "beta", _UNIT_OPEN_LOW),
     # ---- STP auxiliary loss (plugin only: the training hook in megacpp_mcore/stp.py)
     Setting("stp.enabled", "--megacpp-stp", kind="switch", register=False,
             reason="the plugin's training hook adds the STP loss"),

@@ -139,7 +139,8 @@ def train_on_cpu(
         parallel={"tensor": 1, "pipeline": 1, "expert": 1, "context": 1, "data": 1},
         model={"flops_per_token": model_flops_per_token(layout, recipe.model),
                "peak_tflops": None, "training_path": TRAINING_PATH},
-        notes={"train_iters": steps, "micro_batches_per_step": micro_batches},
+        notes={"train_iters": steps, "micro_batches_per_step": micro_batches,
+               "training_hooks": [hook.name for hook in hooks]},
     )
     meter = IntervalMeter(
         receipt,

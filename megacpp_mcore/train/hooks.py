@@ -19,7 +19,11 @@ iteration, so a hook written once behaves the same on both paths:
     what a forward hook needs to know about the data (e.g. end-of-document positions).
 ``after_step(step, model_chunks, optimizer)``
     after optimizer step ``step`` completed: observe (gradient EMAs, activity statistics)
-    and decide what to apply at the next ``before_step``.
+    and decide what to apply at the next ``before_step``. Reduced gradients are still there
+    (``param.grad`` on the CPU; the main params' ``.grad`` under Megatron). Under Megatron it
+    runs from a step post-hook of the last inner optimizer, before that optimizer copies its
+    main params into the model params: read weights through the optimizer's main params
+    (``plasticity.adapter``), never write here.
 ``metrics()``
     scalars of the last step to log next to the LM loss (e.g. ``stp_loss``), then cleared.
 ``events()``

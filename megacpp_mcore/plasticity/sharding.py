@@ -1,0 +1,84 @@
+"""Collectives for the tools: gather a tensor-parallel matrix to whole, take a rank's chunk
+back, reduce statistics, and check that every rank decided the same.
+
+A tool never orthogonalises or scores a shard as if it were the whole tensor: it gathers
+(or reduces) over every group that splits the tensor first. All functions are no-ops for a
+group of one (and without ``torch.distributed``), so the same code runs in one CPU process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from megacpp_mcore.errors import PlasticityError
+
+
+def size(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def rank(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def gather(local: torch.Tensor, dim: int | None, group) -> torch.Tensor:
+    """The whole tensor from equal chunks along ``dim`` (rank order) over ``group``."""
+    if dim is None or size(group) == 1:
+        return local
+    chunks = [torch.empty_like(local) for _ in range(size(group))]
+    dist.all_gather(chunks, local.contiguous(), group=group)
+    return torch.cat(chunks, dim=dim)
+
+
+def chunk(full: torch.Tensor, dim: int | None, group) -> torch.Tensor:
+    """This rank's equal chunk of ``full`` along ``dim`` (inverse of :func:`gather`)."""
+    if dim is None or size(group) == 1:
+        return full
+    return full.chunk(size(group), dim=dim)[rank(group)]
+
+
+def all_reduce(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over ``group``; returns ``tensor``."""
+    if size(group) > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def broadcast_from_first(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``tensor`` of the group's first rank (the owner that computed it), on every rank."""
+    if size(group) > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+    return tensor
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """A short hash of decision tensors (exact bytes), for cross-rank agreement checks."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def assert_agree(what: str, digests: list[str], groups) -> None:
+    """Raise unless every rank of each group holds the same list of decision digests.
+
+    Ranks of a group that splits or replicates the same tensors must decide identically;
+    a difference means a statistic was not reduced over a group that splits it.
+    """
+    for group in groups:
+        if size(group) == 1:
+            continue
+        seen: list = [None] * size(group)
+        dist.all_gather_object(seen, digests, group=group)
+        if any(s != seen[0] for s in seen):
+            raise PlasticityError(
+                f"{what}: ranks of one parallel group decided differently (decision hashes "
+                f"per rank: {seen}); a statistic was not reduced over a group that splits "
+                "the tensor")

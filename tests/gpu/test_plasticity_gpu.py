@@ -1,0 +1,137 @@
+"""Plasticity under Megatron's own optimizers on one GPU: an intervention changes the model
+params, the fp32 main params and the moments together, and is still there after the next
+optimizer step (Megatron's main -> model copy does not undo it).
+
+``get_megatron_optimizer`` returns a ``ChainedOptimizer`` (dense + expert members for a model
+with E), of ``Float16OptimizerWithFloat16Params`` (bf16) or ``DistributedOptimizer`` (DP=1:
+its parameter-to-shard mapping with one shard).
+Run: ``pytest -m gpu tests/gpu/test_plasticity_gpu.py``.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.model import build_model
+from megacpp_mcore.plasticity.adapter import OptimizerAdapter
+from megacpp_mcore.plasticity.dash import DashHook
+from megacpp_mcore.plasticity.fire import FireHook
+from megacpp_mcore.plasticity.redo import RedoHook
+from megacpp_mcore.settings.config import MoEConfig, PrecisionConfig
+from megacpp_mcore.train.hooks import HookContext
+from tests.conftest import tiny_model_config
+
+pytestmark = pytest.mark.gpu
+
+
+def _megatron(dist_opt: bool, dtype: str = "bf16"):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megacpp_mcore.distributed import seed_everything
+
+    seed_everything(1234)
+    config = tiny_model_config(moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=64,
+                                             grouped_gemm=False, token_dispatcher="alltoall"))
+    model = build_model(parse_pattern("AEMF"), config, backend="local",
+                        precision=PrecisionConfig(params_dtype=dtype)).cuda()
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                 use_distributed_optimizer=dist_opt),
+        module=model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, bf16=dtype == "bf16",
+                        params_dtype=getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)),
+                        use_distributed_optimizer=dist_opt, clip_grad=0.0),
+        [ddp])
+    return ddp, optimizer
+
+
+def _step(ddp, optimizer, lr=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 256, (2, 33), generator=gen).cuda()
+    positions = torch.arange(32, device="cuda").expand(2, 32)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    ddp(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean().backward()
+    ddp.finish_grad_sync()
+    ok, _, _ = optimizer.step()
+    assert ok
+
+
+def _assert_isometric(w: torch.Tensor, atol: float, what: str):
+    singular = torch.linalg.svdvals(w.float())
+    scale = math.sqrt(w.shape[0] / w.shape[1])
+    assert torch.allclose(singular, torch.full_like(singular, scale), atol=atol), (
+        what, singular.min().item(), singular.max().item(), scale)
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["float16", "distributed"])
+def test_fire_survives_megatrons_step(megatron_gpu, dist_opt):
+    ddp, optimizer = _megatron(dist_opt)
+    kinds = {type(m).__name__ for m in optimizer.chained_optimizers}
+    assert type(optimizer).__name__ == "ChainedOptimizer"
+    assert kinds == {"DistributedOptimizer" if dist_opt else "Float16OptimizerWithFloat16Params"}
+    assert len(optimizer.chained_optimizers) == 2  # dense and expert parameters
+    for seed in range(2):
+        _step(ddp, optimizer, seed=seed)
+    hook = FireHook([3], mode="all")
+    hook.install([ddp], HookContext(path="megatron"))
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    hook.before_step(3, [ddp], optimizer)
+    adapter = OptimizerAdapter(optimizer)
+    for part in hook._parts:
+        slot = adapter.slot(part.param)
+        index = part.index()
+        main = slot.full() if index is None else slot.full()[index]
+        _assert_isometric(main, 1e-3, f"main {part.key}")
+        state = slot.state
+        if state and index is not None and slot.shard is None:
+            assert state["exp_avg"][index].abs().sum() == 0
+    _step(ddp, optimizer, lr=1e-7, seed=3)
+    for part in hook._parts:
+        slot = adapter.slot(part.param)
+        index = part.index()
+        model_w = part.param.detach() if index is None else part.param.detach()[index]
+        _assert_isometric(model_w, 2e-2, f"bf16 model param {part.key}")  # bf16 rounding
+        main = slot.full() if index is None else slot.full()[index]
+        _assert_isometric(main, 2e-3, f"main param {part.key} after a step")
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["float16", "distributed"])
+def test_dash_and_redo_under_megatrons_optimizers(megatron_gpu, dist_opt):
+    ddp, optimizer = _megatron(dist_opt)
+    dash, redo = DashHook(every=2, start=2), RedoHook(every=2, start=2, tau=0.5)
+    for hook in (dash, redo):
+        hook.install([ddp], HookContext(path="megatron"))
+    _step(ddp, optimizer, seed=0)
+    # torch post-hook timing (as the launcher): after the inner step, main grads present
+    for hook in (dash, redo):
+        hook.after_step(1, [ddp], optimizer)
+    assert dash.ema, "DASH saw the reduced main grads"
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    adapter = OptimizerAdapter(optimizer)
+    before = {id(p): adapter.slot(p).full() for p, _ in dash._targets}
+    dash.before_step(2, [ddp], optimizer)
+    redo.before_step(2, [ddp], optimizer)
+    [dash_event], [redo_event] = dash.events(), redo.events()
+    assert dash_event["touched"] > 0 and redo_event["touched"] > 0
+    for param, _ in dash._targets:  # rows only shrink, model and main agree
+        after = adapter.slot(param).full()
+        assert (after.norm(dim=1) <= before[id(param)].norm(dim=1) * (1 + 1e-6)).all()
+        torch.testing.assert_close(param.detach().float(), after.to(param.dtype).float())
+    _step(ddp, optimizer, lr=1e-7, seed=2)
+    recycled = [m for m, r in zip(redo.mlps, redo_event["layers"], strict=True)
+                if r["recycled"]]
+    assert recycled
+    for mlp in recycled:  # recycled outgoing columns stay (near) zero after a step
+        fc2 = mlp.fc2.detach().float()
+        assert fc2.abs().amax(0).min() < 1e-4
