@@ -163,9 +163,7 @@ class Mamba2Mixer(MegatronModule):
         """The logical parts of the projections, for plasticity tools (``plasticity.parts``):
         ``(name, parameter, local row ranges or None, tensor-parallel dim)``. ``in_proj`` is
         column parallel with the local rows z | x | B | C | dt; ``out_proj`` is row parallel."""
-        group_dim = self.ngroups_local * self.d_state
-        sizes = {"z": self.d_inner_local, "x": self.d_inner_local, "B": group_dim,
-                 "C": group_dim, "dt": self.nheads_local}
+        sizes = dict(mamba_fused_parts(self)["in_proj.weight"])
         return [*consecutive_parts(self.in_proj.weight, sizes, tp_dim=0),
                 ("out", self.out_proj.weight, None, 1)]
 

@@ -104,11 +104,10 @@ def _mlp(mlp) -> list[tuple]:
 
 def _mamba_mixer(mixer) -> list[tuple]:
     """Megatron's ``MambaMixer``: in_proj z | x | B | C | dt per rank, from its own sizes."""
-    group_dim = mixer.ngroups_local_tp * mixer.d_state
-    sizes = [("z", mixer.d_inner_local_tp), ("x", mixer.d_inner_local_tp), ("B", group_dim),
-             ("C", group_dim), ("dt", mixer.nheads_local_tp)]
+    from megacpp_mcore.layers.mamba2 import mamba_fused_parts
+
     parts, start = [], 0
-    for name, n in sizes:
+    for name, n in mamba_fused_parts(mixer)["in_proj.weight"]:
         parts.append((name, mixer.in_proj.weight, ((start, start + n),), 0))
         start += n
     return [*parts, ("out", mixer.out_proj.weight, None, 1)]
