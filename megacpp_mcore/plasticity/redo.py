@@ -237,7 +237,7 @@ class RedoHook(TrainingHook):
         halves = 2 if mlp.gated else 1
         fresh = torch.randn(halves, n_whole, w1.shape[1], generator=gen) * mlp.init_std
         rank = sharding.rank(mlp.tp_group)
-        positions = torch.nonzero(whole).flatten()
+        positions = torch.nonzero(whole.cpu()).flatten()  # index arithmetic on the host
         mine = (positions >= rank * mlp.units) & (positions < (rank + 1) * mlp.units)
         local_units = positions[mine] - rank * mlp.units
         rows = torch.cat([local_units + h * mlp.units for h in range(halves)])

@@ -111,6 +111,11 @@ def test_mla_and_dsa_per_position_train(megatron_gpu):
 def test_nam56r_quarter_builds_and_steps(megatron_gpu):
     """The quarter recipe's model (MLA/DSA, MoE, M, the seed's R, MTP 2) on one GPU."""
     _reseed()
+    # Megatron sizes its process-global MTP loss tracker by the first MTP model it sees
+    # (an earlier test built one MTP depth; this model has two): start it afresh.
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
     recipe = load_recipe("nam56r_quarter", ["model.seq_length=1024"])
     model = build_model(recipe.layout, recipe.model, backend=recipe.backend,
                         precision=PrecisionConfig(params_dtype="bf16"))

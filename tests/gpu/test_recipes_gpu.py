@@ -31,7 +31,10 @@ def reduced(name: str):
         "model.moe.shared_expert_ffn_hidden_size="
         + ("null" if moe.shared_expert_ffn_hidden_size is None else "256"),
         "model.mamba.state_dim=64", "model.mamba.head_dim=64", "model.mamba.num_groups=2",
-        "model.mamba.num_heads=null", "model.mamba.chunk_size=128",
+        "model.mamba.num_heads=null",
+        # Mamba-3 MIMO does not compile with TileLang 0.1.15 on H200 (refused at build): SISO
+        f"model.mamba.chunk_size={64 if model.mamba.variant == 'mamba3' else 128}",
+        "model.mamba.mimo=false",
         "model.recurrent.num_heads=4",
         "model.gdn.num_key_heads=2", "model.gdn.num_value_heads=4",
         "model.gdn.key_head_dim=64", "model.gdn.value_head_dim=64",
@@ -39,6 +42,13 @@ def reduced(name: str):
         "parallel.sequence_parallel=false", "parallel.distributed_optimizer=false",
         "parallel.fsdp=none", "training.micro_batch_size=1", "training.global_batch_size=2",
     ]
+    attention, a_count = model.attention, prefix.count("A")
+    if attention.mla_ranks or attention.dsa_ranks:  # the seed's split, on the prefix's A layers
+        first_dsa = 1 if attention.mla_ranks else 0
+        overrides += [f"model.attention.mla_ranks={[0] if attention.mla_ranks else []}",
+                      f"model.attention.dsa_ranks={list(range(first_dsa, a_count))}"]
+    if moe.token_dispatcher == "flex":  # DeepEP needs TP x EP > 1
+        overrides.append("model.moe.token_dispatcher=alltoall")
     return load_recipe(name, overrides)
 
 
