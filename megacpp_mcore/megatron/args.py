@@ -26,14 +26,11 @@ from typing import Any
 from megacpp_mcore.errors import PatternError, RecipeError, SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.settings.config import (
-    DashConfig,
     DataConfig,
-    FireConfig,
     MambaConfig,
     ModelConfig,
     PlasticityConfig,
     RecurrentConfig,
-    RedoConfig,
     StpConfig,
 )
 from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
@@ -73,18 +70,19 @@ def register_row(group: Any, row: Any) -> None:
     elif typing.get_origin(plain) is typing.Literal:
         group.add_argument(row.flag, choices=typing.get_args(plain), default=default,
                            help=help_text)
+    elif typing.get_origin(plain) is tuple:  # a list: one value per item, each checked
+        item = typing.get_args(plain)[0]
+        group.add_argument(row.flag, type=_parser_for(row.key, item), nargs="*",
+                           default=list(default), metavar="VALUE", help=help_text)
     else:
         group.add_argument(row.flag, type=_parser_for(row.key, plain), default=default,
                            metavar="VALUE", help=help_text)
 
 
-#: plasticity section -> its settings class; every field is one table row whose flag is
+#: the plasticity sections; every field is one table row whose flag is
 #: --megacpp-plasticity-SECTION-FIELD (underscores as dashes).
-PLASTICITY_SECTIONS = {"fire": FireConfig, "dash": DashConfig, "redo": RedoConfig}
+PLASTICITY_SECTIONS = ("fire", "dash", "redo")
 
-
-def plasticity_flag(section: str, name: str) -> str:
-    return BY_KEY[f"plasticity.{section}.{name}"].flag
 
 
 def _dest(flag: str) -> str:
@@ -162,7 +160,6 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     for row in _registered_rows():
         register_row(group, row)
-    _add_stp_args(group)
     docs = field_docs(RecurrentConfig)
     group.add_argument(
         "--megacpp-r-num-heads", type=_r_heads, default=RecurrentConfig.num_heads,
@@ -183,27 +180,7 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         + " (mock and path also have Megatron's own --mock-data / --data-path; embedded "
         "exists only here).",
     )
-    _add_plasticity_args(group)
     return parser
-
-
-def _add_stp_args(group) -> None:
-    """The STP rows of the table (``--megacpp-stp`` and ``--megacpp-stp-*``): emitted only
-    while STP is on, so they are registered here rather than by the generic loop."""
-    for row in table_rows("stp."):
-        cls, f, tp = _field(row.key)
-        text = f"{row.key}: {field_docs(cls)[f.name]}"
-        if row.kind == "switch":
-            group.add_argument(row.flag, action="store_true", help=text)
-        elif typing.get_origin(tp) is tuple:
-            group.add_argument(row.flag, type=_parser_for(row.key + "[]", int), nargs="*",
-                               default=list(f.default), metavar="N", help=text)
-        elif typing.get_origin(tp) is typing.Literal:
-            group.add_argument(row.flag, choices=typing.get_args(tp), default=f.default,
-                               help=text)
-        else:
-            group.add_argument(row.flag, type=_parser_for(row.key, tp), default=f.default,
-                               metavar="X", help=f"{text} (default {f.default})")
 
 
 def stp_config_from_args(args: Any) -> StpConfig:
@@ -211,60 +188,10 @@ def stp_config_from_args(args: Any) -> StpConfig:
     return section_from_args("stp", args)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _step_list(text: str) -> tuple[int, ...]:
-    if not text.strip():
-        return ()
-    return tuple(_positive_int(part) for part in text.split(","))
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
-def _add_plasticity_args(group) -> None:
-    """One flag per field of the plasticity sections (defaults and help from the classes)."""
-    for section, cls in PLASTICITY_SECTIONS.items():
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            tp = _hint(cls, f.name)
-            args: dict[str, Any] = {"default": f.default, "help": f"plasticity {section}: "
-                                    f"{docs[f.name]} (default {f.default})"}
-            if typing.get_origin(tp) is tuple:
-                args.update(type=_step_list, default=(), metavar="STEP,STEP,...")
-            elif typing.get_origin(tp) is typing.Literal:
-                args.update(choices=typing.get_args(tp))
-            elif tp is float:
-                args.update(type=_unit_float, metavar="X")
-            else:  # int or int | None
-                args.update(type=_positive_int if f.name != "rewarmup_iters" else int,
-                            metavar="N")
-            group.add_argument(plasticity_flag(section, f.name), **args)
-
-
 def plasticity_config_from_args(args: Any) -> PlasticityConfig:
     """The plasticity section from Megatron's parsed args (``--megacpp-plasticity-*``)."""
-    sections = {}
-    for section, cls in PLASTICITY_SECTIONS.items():
-        values = {f.name: _megacpp(args, plasticity_flag(section, f.name))
-                  for f in dataclasses.fields(cls)}
-        sections[section] = cls(**values)
-    return PlasticityConfig(**sections)
+    return section_from_args("plasticity", args, **{
+        name: section_from_args(f"plasticity.{name}", args) for name in PLASTICITY_SECTIONS})
 
 
 def _hint(cls: type, name: str) -> Any:

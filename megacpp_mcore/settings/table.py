@@ -166,6 +166,8 @@ class Setting:
                     return value
             return next(v for v, f in self.choices.items() if f is None)
         raw = getattr(args, self.dest)
+        if isinstance(raw, list):  # a list setting (nargs) is a tuple in the settings
+            raw = tuple(raw)
         if self.kind == "switch":
             return bool(raw)
         if self.kind == "negated":
@@ -320,7 +322,7 @@ def _stp_row(name: str, flag: str, check: Check | None = None, **kwargs: Any) ->
     return Setting(f"stp.{name}", flag, check=check,
                    emit=lambda value, root: _stp_flags(value, root, flag),
                    native_omits="STP needs the plugin (stp.enabled is refused by --target "
-                   "native)", register=False, **kwargs)
+                   "native)", **kwargs)
 
 
 def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Setting:
@@ -445,7 +447,7 @@ def _bool_value_flags(flag: str) -> Callable[[Any, Any], list[tuple]]:
 
 def _plasticity_row(section: str, name: str, check: Check | None = None) -> Setting:
     """A plasticity setting: it travels only while its tool is scheduled (a step list for
-    FIRE, a cadence for DASH and ReDo); lists travel comma-joined."""
+    FIRE, a cadence for DASH and ReDo)."""
     flag = f"--megacpp-plasticity-{section}-{name.replace('_', '-')}"
 
     def emit(value: Any, root: Any) -> list[tuple]:
@@ -453,10 +455,10 @@ def _plasticity_row(section: str, name: str, check: Check | None = None) -> Sett
         if not (tool.steps if section == "fire" else tool.every is not None) or value is None:
             return []
         if isinstance(value, tuple):
-            return [(flag, ",".join(str(v) for v in value))] if value else []
+            return [(flag, *value)] if value else []
         return [(flag, value)]
 
-    return Setting(f"plasticity.{section}.{name}", flag, emit=emit, check=check, register=False,
+    return Setting(f"plasticity.{section}.{name}", flag, emit=emit, check=check,
                    reason="the plugin's training hooks (megacpp_mcore/plasticity/)")
 
 
@@ -669,15 +671,14 @@ SETTINGS: tuple[Setting, ...] = (
     _plasticity_row("redo", "tau", UNIT),
     _plasticity_row("redo", "beta", _UNIT_OPEN_LOW),
     # ---- STP auxiliary loss (plugin only: the training hook in megacpp_mcore/stp.py)
-    Setting("stp.enabled", "--megacpp-stp", kind="switch", register=False,
+    Setting("stp.enabled", "--megacpp-stp", kind="switch",
             reason="the plugin's training hook adds the STP loss"),
     _stp_row("weight", "--megacpp-stp-weight", NON_NEGATIVE),
     _stp_row("start_step", "--megacpp-stp-start-step"),
     _stp_row("ramp_steps", "--megacpp-stp-ramp-steps", NON_NEGATIVE),
     _stp_row("triples", "--megacpp-stp-triples"),
     _stp_row("min_gap", "--megacpp-stp-min-gap"),
-    _stp_row("layers", "--megacpp-stp-layers",
-             read_args=lambda a: tuple(a.megacpp_stp_layers or ())),
+    _stp_row("layers", "--megacpp-stp-layers"),
     _stp_row("form", "--megacpp-stp-form"),
 )
 
