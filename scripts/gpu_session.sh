@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Run named steps of the GPU validation on the GPU machine, each with its own time limit,
-# logging to $OUT/<step>.log and printing a one-line verdict per step at the end.
+# Run named steps of the GPU validation on the GPU machine, each with its own time limit
+# (cut to what is left of $DEADLINE seconds, counted from the script's start, so the logs
+# always come back), logging to $LOGDIR/<step>.log and printing a one-line verdict per step.
 #   bash scripts/gpu_session.sh tests train bench
-# Steps: env, tests, tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, bench,
-# rbench, benchtests, benchfeat, vsnative, vsnative_r. Needs the staged wheels on PYTHONPATH.
+# Steps: env, tests, gputests (one pytest per file, failure reasons printed), gpu2tests
+# (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
+# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r. Needs the staged wheels on PYTHONPATH.
 # Logs and receipts go to $LOGDIR and are packed into $OUT/$TAG.tgz at the end (the device
 # tool returns at most 8 files), so two sessions can run side by side on two GPUs
 # (CUDA_VISIBLE_DEVICES=0 TAG=a ... & CUDA_VISIBLE_DEVICES=1 TAG=b ...).
 set -u
 OUT=${OUT:-/tmp/out}; TAG=${TAG:-session}; LOGDIR=${LOGDIR:-/tmp/gpulogs/$TAG}
+DEADLINE=${DEADLINE:-100000}
 mkdir -p "$OUT" "$LOGDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -21,15 +24,33 @@ FEAT=(--set parallel.distributed_optimizer=true --train-iters 60
 verdicts=()
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
-    local t0=$SECONDS
-    echo "=== $name: $*"
-    timeout "$limit" "$@" > "$LOGDIR/$name.log" 2>&1
+    local t0=$SECONDS left=$((DEADLINE - SECONDS))
+    if ((left < 15)); then verdicts+=("$name skipped: deadline"); return; fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (limit ${limit}s): $*"
+    timeout -k 5 "$limit" "$@" > "$LOGDIR/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$LOGDIR/$name.log"
     verdicts+=("$name rc=$rc $((SECONDS - t0))s")
+    printf '%s\n' "${verdicts[@]}" > "$LOGDIR/verdicts.txt"
+    tar czf "$OUT/$TAG.tgz" -C "$LOGDIR" . 2>/dev/null || true
+}
+pytest_file() {  # pytest_file SECONDS FILE[::TEST]...: one step per file, reasons printed
+    local limit=$1; shift
+    local target
+    for target in "$@"; do
+        step "pytest_$(basename "${target%%::*}" .py)" "$limit" python3 -m pytest -m gpu -q \
+            -p no:cacheprovider -rfEs --tb=short "tests/gpu/$target"
+    done
 }
 for s in "$@"; do case $s in
   env) step env 120 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, megatron.core as m; print(torch.__version__, triton.__version__, m.__version__, torch.cuda.get_device_name())"; python3 -c "import transformer_engine as te; print(\"te\", te.__version__)"; python3 -c "import mamba_ssm, causal_conv1d; print(\"mamba\", mamba_ssm.__version__)"' ;;
+  gputests) pytest_file 200 test_plasticity_gpu.py test_stp_gpu.py test_checkpoints_gpu.py \
+              test_gdn_gpu.py test_recipes_gpu.py test_nam56r_gpu.py::test_nam56r_quarter_builds_and_steps \
+              test_bench_gpu.py test_model_gpu.py ;;
+  gpu2tests) pytest_file 240 test_tensor_parallel_gpu.py \
+              test_checkpoints_gpu.py::test_plugin_checkpoint_moves_tp_1_2_1_on_two_gpus \
+              "test_stp_gpu.py::test_hook_equals_explicit_loss_under_tensor_parallel_2" ;;
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
   train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_embedded.json"
          step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$LOGDIR/tiny_mock.json" ;;
@@ -51,9 +72,12 @@ for s in "$@"; do case $s in
         step feat_second 150 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --receipt "$LOGDIR/feat_resume.json" -- --load /tmp/ckB --save /tmp/ckB --save-interval 30 ;;
   quarter) step quarter 420 python3 -m megacpp_mcore.cli.main train nam56r_quarter --train-iters 30 --receipt "$LOGDIR/quarter.json" ;;
   tp2feat) step tp2feat 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --nproc 2 --set parallel.tensor=2 --set parallel.sequence_parallel=true --receipt "$LOGDIR/tp2feat.json" ;;
+  dp2feat) step dp2feat 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --nproc 2 --receipt "$LOGDIR/dp2feat.json" ;;
+  ep2feat) step ep2feat 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --nproc 2 --set parallel.expert=2 --set model.moe.token_dispatcher=alltoall --receipt "$LOGDIR/ep2feat.json" ;;
+  fsdp2feat) step fsdp2feat 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --nproc 2 --set parallel.distributed_optimizer=false --set parallel.fsdp=torch_fsdp2 --receipt "$LOGDIR/fsdp2feat.json" ;;
   benchfeat) step bench_stp 240 python3 scripts/bench_stp.py --models tiny mid --json "$LOGDIR/bench_stp.json"
         step bench_plasticity 240 python3 scripts/bench_plasticity.py --json "$LOGDIR/bench_plasticity.json" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
-printf '%s\n' "${verdicts[@]}"
+printf '%s\n' "${verdicts[@]}" | tee "$LOGDIR/verdicts.txt"
 tar czf "$OUT/$TAG.tgz" -C "$LOGDIR" . 2>/dev/null || true
