@@ -205,3 +205,49 @@ def test_distributed_optimizer_shards_tile_each_param_exactly(dp_size):
             for k in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(slot.state[k][mask], torch.zeros_like(slot.state[k][mask]))
                 assert torch.equal(slot.state[k][~mask], old[k][~mask])
+
+
+# --------------------------------------------------------------------------- EP = 2
+
+
+def _ep_events(rank, world_size):
+    """FIRE + DASH + ReDo events of a model with routed experts at EP=1 and EP=2.
+
+    Megatron's MoE forward at EP>1 needs CUDA, so the gradients are drawn per parameter
+    name (the same on every rank); ReDo sees no activity, which must not leave one rank
+    out of the event's collective.
+    """
+    from megacpp_mcore.distributed import init_process_groups
+    from megacpp_mcore.plasticity.dash import DashHook
+    from megacpp_mcore.plasticity.fire import FireHook
+    from megacpp_mcore.plasticity.redo import RedoHook
+    from megacpp_mcore.train.hooks import HookContext, HookList
+
+    results = []
+    for ep in (1, 2):
+        init_process_groups(expert=ep, seed=7)
+        model = build_model(parse_pattern("AE"), tiny_model_config(seq_length=16),
+                            precision=FP32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        hooks = HookList([FireHook([2], "all"), DashHook(every=1, start=2),
+                          RedoHook(every=1, start=2)])
+        hooks.install([model], HookContext())
+        for name, param in model.named_parameters():
+            gen = torch.Generator().manual_seed(len(name))
+            param.grad = torch.randn(param.shape, generator=gen)
+        optimizer.step()
+        hooks.after_step(1, [model], optimizer)
+        hooks.before_step(2, [model], optimizer)
+        results.append({e["kind"]: e for e in hooks.events()})
+        hooks.remove()
+    return results
+
+
+@pytest.mark.slow
+def test_expert_parallel_events_count_every_expert(tmp_path):
+    """At EP=2 each rank holds half the experts; an event still counts the whole model."""
+    for ep1, ep2 in run_distributed(_ep_events, 2, tmp_path):
+        assert ep1["fire"]["touched"] == ep2["fire"]["touched"] > 0
+        assert ep1["fire"]["elements"] == ep2["fire"]["elements"]
+        assert ep1["dash"]["rows"] == ep2["dash"]["rows"] > 0
+        assert "redo" not in ep1 and "redo" not in ep2  # nothing observed: no check

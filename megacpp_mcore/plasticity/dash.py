@@ -124,7 +124,8 @@ class DashHook(TrainingHook):
             return
         started = time.perf_counter()
         adapter = self._adapter_for(optimizer)
-        digests, shrunk, rows = [], 0, 0
+        digests = []
+        counts = {False: [0, 0], True: [0, 0]}  # routed expert? -> [shrunk rows, rows]
         for param, part in self._targets:
             slot = adapter.slot(param)
             ema = self.ema.get(self._names[id(param)])
@@ -137,9 +138,11 @@ class DashHook(TrainingHook):
             # the whole layer's decision: a column-parallel weight's rows are split over TP
             whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
             digests.append((part, sharding.digest(whole)))
-            shrunk += int((whole < 1).sum())
-            rows += whole.numel()
+            counts[part.expert is not None][0] += int((whole < 1).sum())
+            counts[part.expert is not None][1] += whole.numel()
         assert_decisions_agree(f"DASH at step {step}", digests)
+        shrunk, rows = (int(n) for n in sharding.total_over_experts(counts[False],
+                                                                     counts[True]))
         self._events.append({"step": step, "kind": "dash", "touched": shrunk,
                              "seconds": time.perf_counter() - started, "rows": rows,
                              "params": len(self._targets), "lam": self.lam})

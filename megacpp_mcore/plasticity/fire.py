@@ -128,12 +128,16 @@ class FireHook(TrainingHook):
                 self._adapter = OptimizerAdapter(optimizer)
             digests = fire_parts(self._parts, self._adapter, self.method)
             assert_decisions_agree(f"FIRE at step {step}", digests)
+            counts = {False: [0, 0], True: [0, 0]}  # routed expert? -> [parts, elements]
+            for part in self._parts:
+                counts[part.expert is not None][0] += 1
+                counts[part.expert is not None][1] += math.prod(part.global_shape())
+            touched, elements = (int(n) for n in sharding.total_over_experts(
+                counts[False], counts[True]))
             self._events.append({
-                "step": step, "kind": "fire", "touched": len(self._parts),
+                "step": step, "kind": "fire", "touched": touched,
                 "seconds": time.perf_counter() - started, "mode": self.mode,
-                "method": self.method,
-                "elements": sum(math.prod(p.global_shape()) for p in self._parts),
-                "skipped": self._skipped})
+                "method": self.method, "elements": elements, "skipped": self._skipped})
         factor = self.rewarmup_factor(step)
         if factor < 1.0:
             for group in param_groups(optimizer):

@@ -58,6 +58,29 @@ def broadcast_from_first(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def expert_parallel_group():
+    """Megatron's expert-model-parallel group (ranks holding different routed experts), or
+    None outside an initialised Megatron parallel state."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_expert_model_parallel_group()
+
+
+def total_over_experts(dense: list[float], expert: list[float]) -> list[float]:
+    """Model-wide totals for an event: ``dense`` counts are the same on every rank, routed
+    ``expert`` counts cover this rank's experts only, so they are summed over the
+    expert-parallel group (every rank of the group must call this at the same step)."""
+    group = expert_parallel_group()
+    local = torch.tensor(expert, dtype=torch.float64)
+    if size(group) > 1:
+        on_gpu = dist.get_backend(group) == "nccl"
+        local = local.cuda() if on_gpu else local
+        dist.all_reduce(local, group=group)
+    return [d + e for d, e in zip(dense, local.tolist(), strict=True)]
+
+
 def digest(*tensors: torch.Tensor) -> str:
     """A short hash of decision tensors (exact bytes), for cross-rank agreement checks."""
     h = hashlib.sha256()
