@@ -5,7 +5,8 @@
 #   bash scripts/gpu_session.sh tests train bench
 # Steps: env, tests, gputests (one pytest per file, failure reasons printed), gpu2tests
 # (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
-# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r. Needs the staged wheels on PYTHONPATH.
+# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, and any
+# comma-separated list of test ids under tests/gpu (test_x.py::name,test_y.py), run as one step. Needs the staged wheels on PYTHONPATH.
 # Logs and receipts go to $LOGDIR and are packed into $OUT/$TAG.tgz at the end (the device
 # tool returns at most 8 files), so two sessions can run side by side on two GPUs
 # (CUDA_VISIBLE_DEVICES=0 TAG=a ... & CUDA_VISIBLE_DEVICES=1 TAG=b ...).
@@ -77,6 +78,9 @@ for s in "$@"; do case $s in
   fsdp2feat) step fsdp2feat 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" "${FEAT[@]}" --nproc 2 --set parallel.distributed_optimizer=false --set parallel.fsdp=torch_fsdp2 --receipt "$LOGDIR/fsdp2feat.json" ;;
   benchfeat) step bench_stp 240 python3 scripts/bench_stp.py --models tiny mid --json "$LOGDIR/bench_stp.json"
         step bench_plasticity 240 python3 scripts/bench_plasticity.py --json "$LOGDIR/bench_plasticity.json" ;;
+  test_*) IFS=, read -ra ids <<< "$s"  # test_a.py::x,test_b.py: one pytest run of those ids
+        step "pytest_$(basename "${ids[0]%%::*}" .py)" "${PYTEST_LIMIT:-300}" python3 -m pytest \
+            -m gpu -q -p no:cacheprovider -rfEs --tb=short "${ids[@]/#/tests/gpu/}" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 printf '%s\n' "${verdicts[@]}" | tee "$LOGDIR/verdicts.txt"

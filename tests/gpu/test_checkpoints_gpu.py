@@ -65,7 +65,9 @@ def test_native_checkpoint_loads_into_plugin(megatron_gpu, tmp_path, precision):
     load(plugin, tmp_path)  # every key must match (StrictHandling.RAISE_ALL)
     error = rel_err(_logits(plugin), expected)
     print(precision.params_dtype, "native ckpt -> plugin logits rel err", error)
-    assert error < (1e-2 if precision is BF16 else 1e-5)
+    # unloaded weights give > 1e-2; what remains is kernel choice (measured on H200: fp32
+    # 3.4e-5, TE may pick other attention/GEMM kernels for the two module trees)
+    assert error < (1e-2 if precision is BF16 else 1e-4)
 
 
 @pytest.mark.parametrize(("saved_path", "loaded_path"),
