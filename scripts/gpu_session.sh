@@ -25,7 +25,8 @@ FEAT=(--set parallel.distributed_optimizer=true --train-iters 60
 verdicts=()
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
-    local t0=$SECONDS left=$((DEADLINE - SECONDS))
+    local t0=$SECONDS left=$((DEADLINE - SECONDS)) n=2 base=$name
+    while [[ -e $LOGDIR/$name.log ]]; do name=${base}_$n; n=$((n + 1)); done  # keep every log
     if ((left < 15)); then verdicts+=("$name skipped: deadline"); return; fi
     ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s): $*"

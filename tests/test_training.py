@@ -243,3 +243,23 @@ def test_train_command_runs_all_plasticity_tools_on_cpu(tmp_path, capsys):
     losses = [iv["loss"] for iv in data["intervals"]]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert data["intervals"][-1]["goodput"]["buckets"]["plasticity"] > 0
+
+
+def test_mtp_losses_read_megatrons_tracker_without_clearing_it():
+    """The launcher's receipt gets Megatron's per-depth MTP losses (mean over micro-batches)
+    from the tracker Megatron's own log reduces and clears later in the same iteration."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megacpp_mcore.train.meter import mtp_losses
+
+    saved = dict(MTPLossLoggingHelper.tracker)
+    try:
+        MTPLossLoggingHelper.tracker.clear()
+        assert mtp_losses(2) == {}  # no MTP layers: nothing to record
+        MTPLossLoggingHelper.tracker.update(loss_values=torch.tensor([6.0, 4.0]),
+                                            reduce_group=None, avg_group=None)
+        assert mtp_losses(2) == {"mtp_1_loss": 3.0, "mtp_2_loss": 2.0}
+        assert MTPLossLoggingHelper.tracker["loss_values"].tolist() == [6.0, 4.0]
+    finally:
+        MTPLossLoggingHelper.tracker.clear()
+        MTPLossLoggingHelper.tracker.update(saved)

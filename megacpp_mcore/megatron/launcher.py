@@ -29,7 +29,7 @@ points as on the CPU path, through seams Megatron already offers (nothing is pat
 
 Receipts: the same post-hook closes each iteration in the
 :class:`~megacpp_mcore.train.meter.IntervalMeter`; the loss comes from the loss function below,
-aux losses from Megatron's MoE tracker. Checkpoints are Megatron's (``--save``/``--load``);
+aux losses from Megatron's MoE and MTP trackers. Checkpoints are Megatron's (``--save``/``--load``);
 a resumed run continues its receipt.
 """
 
@@ -54,7 +54,7 @@ from megacpp_mcore.megatron.args import (
 )
 from megacpp_mcore.receipt import Receipt, Terminated, load_receipt, sigterm_raises
 from megacpp_mcore.train.hooks import HookContext, HookList
-from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses
+from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses, mtp_losses
 
 #: folder under --save / --load with the training hooks' state, one file per iteration and rank.
 HOOK_STATE_DIR = "megacpp_hooks"
@@ -282,6 +282,7 @@ class RunTracker:
         self._to_tensorboard(step, metrics, events)
         self.meter.receipt.add_events(events)
         self.meter.add_aux(moe_aux_losses(self.num_microbatches, clear=False))
+        self.meter.add_aux(mtp_losses(self.num_microbatches))
         self.meter.add_aux(metrics)
         self.meter.step_done(step, inner_optimizer.param_groups[0]["lr"])
         args = self.args

@@ -49,6 +49,27 @@ def moe_aux_losses(num_microbatches: int, clear: bool) -> dict[str, float]:
     return losses
 
 
+def mtp_losses(num_microbatches: int) -> dict[str, float]:
+    """Megatron's multi-token-prediction losses for the last step (``mtp_1_loss``, ...):
+    per MTP depth, summed over the tracker's reduce group, averaged over its average group,
+    divided by the micro-batches, as Megatron's own log does, on a copy (Megatron logs and
+    clears its tracker later). Every rank must call it at the same step."""
+    import torch.distributed as dist
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    if "loss_values" not in tracker:
+        return {}
+    values = tracker["loss_values"].detach().float().clone()
+    if dist.is_initialized():
+        if tracker.get("reduce_group") is not None:
+            dist.all_reduce(values, group=tracker["reduce_group"])
+        if tracker.get("avg_group") is not None:
+            dist.all_reduce(values, group=tracker["avg_group"], op=dist.ReduceOp.AVG)
+    values /= max(1, num_microbatches)
+    return {f"mtp_{depth}_loss": value for depth, value in enumerate(values.tolist(), 1)}
+
+
 class IntervalMeter:
     """Accumulates steps and writes one receipt interval every ``log_interval`` steps."""
 
