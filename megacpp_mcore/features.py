@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from megacpp_mcore.settings.config import fire_phase_steps
 from megacpp_mcore.train.hooks import HookList, TrainingHook
 
 
-def plasticity_hooks(plasticity: Any, seed: int = 1234) -> list[TrainingHook]:
-    """One hook per enabled tool, in a fixed order: FIRE, DASH, ReDo."""
+def plasticity_hooks(plasticity: Any, seed: int = 1234,
+                     phases: dict[str, int | None] | None = None) -> list[TrainingHook]:
+    """One hook per enabled tool, in a fixed order: FIRE, DASH, ReDo. ``phases``: the step
+    each phase name FIRE's steps may use stands for (``fire_phase_steps``)."""
     hooks: list[TrainingHook] = []
     if plasticity is None:
         return hooks
@@ -23,7 +26,8 @@ def plasticity_hooks(plasticity: Any, seed: int = 1234) -> list[TrainingHook]:
         from megacpp_mcore.plasticity.fire import FireHook
 
         fire = plasticity.fire
-        hooks.append(FireHook(fire.steps, fire.mode, fire.method, fire.rewarmup_iters))
+        hooks.append(FireHook(fire.steps, fire.mode, fire.method, fire.rewarmup_iters,
+                              phases))
     if plasticity.dash.every is not None:
         from megacpp_mcore.plasticity.dash import DashHook
 
@@ -41,7 +45,9 @@ def build_training_hooks(recipe: Any) -> HookList:
     """The hooks the recipe asks for, in a fixed order (plasticity before STP)."""
     training = getattr(recipe, "training", None)
     seed = training.seed if training is not None else getattr(recipe, "seed", 1234)
-    hooks: list[TrainingHook] = plasticity_hooks(getattr(recipe, "plasticity", None), seed)
+    phases = fire_phase_steps(getattr(training, "lr_warmup_iters", 0), recipe.stp)
+    hooks: list[TrainingHook] = plasticity_hooks(getattr(recipe, "plasticity", None), seed,
+                                                 phases)
     if recipe.stp.enabled:
         from megacpp_mcore.stp import StpHook
 

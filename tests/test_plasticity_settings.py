@@ -49,3 +49,70 @@ def test_plugin_flags_round_trip_through_megatrons_parser():
     recipe = load_recipe("tiny", ALL)
     with parsed_megatron_args(translate(recipe, "plugin")) as args:
         assert plasticity_config_from_args(args) == recipe.plasticity
+
+
+# ----------------------------------------------------------------- named phase boundaries
+
+PHASES = ["plasticity.fire.steps=[warmup_end, stp_start, 40]", "stp.enabled=true",
+          "stp.start_step=25"]
+
+
+def test_fire_steps_name_phase_boundaries():
+    """warmup_end is the first step after tiny's 10 warm-up steps; stp_start is STP's gate."""
+    recipe = load_recipe("tiny", PHASES)
+    assert recipe.plasticity.fire.steps == ("warmup_end", "stp_start", 40)
+    [fire, _stp] = build_training_hooks(recipe)
+    assert fire.steps == [11, 25, 40]
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["plasticity.fire.steps=[stp_start]"], r"names 'stp_start' but stp.enabled is false"),
+    (["plasticity.fire.steps=[warmup_end]", "training.lr_warmup_iters=0"],
+     r"names 'warmup_end' but training.lr_warmup_iters is 0"),
+    (["plasticity.fire.steps=[11, warmup_end]"], r"repeats a step \(named phases here: "
+                                                 r"warmup_end=11"),
+    (["plasticity.fire.steps=[warmup_end]", "training.lr_warmup_iters=200"],
+     r"\[201\] lie beyond training.train_iters"),
+    (["plasticity.fire.steps=[warmup]"], r"steps\[0\]: got a string \('warmup'\); accepted: "
+                                         r"an integer or one of 'warmup_end', 'stp_start'"),
+    (["plasticity.fire.steps=[0]"], r"steps\[0\]: must be a positive integer"),
+])
+def test_bad_phase_boundaries_are_refused(sets, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("tiny", sets)
+
+
+def test_phase_names_round_trip_through_megatrons_parser():
+    recipe = load_recipe("tiny", [*PHASES, "plasticity.fire.steps=[load, warmup_end, 40]"])
+    line = translate(recipe, "plugin").args_line()
+    assert "--megacpp-plasticity-fire-steps load warmup_end 40" in line
+    with parsed_megatron_args(translate(recipe, "plugin")) as args:
+        assert plasticity_config_from_args(args) == recipe.plasticity
+
+
+def test_load_boundary_resolves_at_install():
+    """'load' is the first step after the loaded iteration (the launcher passes it); the
+    CPU loop, which loads no checkpoints, refuses it."""
+    from megacpp_mcore.errors import PlasticityError
+    from megacpp_mcore.plasticity.fire import FireHook
+    from megacpp_mcore.train.hooks import HookContext
+
+    hook = FireHook(["load", 40])
+    hook.install([], HookContext(path="megatron", extra={"loaded_iteration": 30}))
+    assert hook.steps == [31, 40]
+    fresh = FireHook(["load", 40])
+    fresh.install([], HookContext(path="megatron", extra={"loaded_iteration": None}))
+    assert fresh.steps == [40]
+    with pytest.raises(PlasticityError, match="CPU loop loads no checkpoints"):
+        FireHook(["load"]).install([], HookContext(path="cpu"))
+
+
+def test_launcher_resolves_phase_names_from_megatrons_args():
+    """The launcher has no recipe: warmup_end comes from --lr-warmup-iters, stp_start from
+    the STP flags."""
+    from megacpp_mcore.megatron import launcher
+
+    recipe = load_recipe("tiny", PHASES)
+    with parsed_megatron_args(translate(recipe, "plugin")) as args:
+        [fire, _stp] = list(launcher.hooks_from_args(args))
+    assert fire.name == "fire" and fire.steps == [11, 25, 40]

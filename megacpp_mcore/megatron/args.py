@@ -90,7 +90,22 @@ def _dest(flag: str) -> str:
 
 
 def _parser_for(key: str, tp: Any):
-    """argparse type for a table row: the field's scalar type, then the row's check."""
+    """argparse type for a table row: the field's scalar type, then the row's check (an
+    ``int | Literal[...]`` item, as FIRE's steps or phase names, takes either)."""
+    names = [a for t in typing.get_args(tp) if typing.get_origin(t) is typing.Literal
+             for a in typing.get_args(t)]
+    if names:
+        number = _parser_for(key, int)
+
+        def number_or_name(text: str) -> Any:
+            if text in names:
+                return text
+            if not text.lstrip("-").isdigit():
+                raise argparse.ArgumentTypeError(
+                    f"{key}: expected an integer or one of {', '.join(names)}, got {text!r}")
+            return number(text)
+
+        return number_or_name
     kind = int if tp is int else float if tp is float else str
 
     def parse(text: str) -> Any:

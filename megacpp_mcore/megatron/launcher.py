@@ -254,7 +254,10 @@ class RunTracker:
         self.context = HookContext(num_microbatches=self.num_microbatches,
                                    loss_scale=float(optimizer.get_loss_scale()),
                                    path="megatron", layout=self.layout,
-                                   extra={"args": self.args, "eod_id": _eod_id()})
+                                   extra={"args": self.args, "eod_id": _eod_id(),
+                                          "loaded_iteration": self.args.curr_iteration
+                                          if self.args.load and self.args.curr_iteration > 0
+                                          else None})
         self.hooks.install(self.model_chunks, self.context)
         if self.args.load and self.args.curr_iteration > 0 and self.hooks:
             self._load_hook_state(self.args.curr_iteration)
@@ -430,7 +433,8 @@ def hooks_from_args(args) -> HookList:
     """The run's training hooks from the plugin's flags (the recipe's feature sections)."""
     recipe = SimpleNamespace(plasticity=plasticity_config_from_args(args),
                              stp=stp_config_from_args(args),
-                             training=SimpleNamespace(seed=args.seed),
+                             training=SimpleNamespace(seed=args.seed,
+                                                      lr_warmup_iters=args.lr_warmup_iters),
                              data=SimpleNamespace(tokenizer=None))
     hooks = build_training_hooks(recipe)
     if hooks and getattr(args, "overlap_param_gather", False):

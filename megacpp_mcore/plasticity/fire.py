@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megacpp_mcore.errors import PlasticityError
 from megacpp_mcore.plasticity import sharding
 from megacpp_mcore.plasticity.adapter import OptimizerAdapter, param_groups
 from megacpp_mcore.plasticity.parts import (
@@ -108,9 +109,19 @@ class FireHook(TrainingHook):
     name = "fire"
     goodput_bucket = "plasticity"
 
-    def __init__(self, steps: Sequence[int], mode: str = "all", method: str = "exact",
-                 rewarmup_iters: int = 0) -> None:
-        self.steps = sorted(set(steps))
+    def __init__(self, steps: Sequence[int | str], mode: str = "all", method: str = "exact",
+                 rewarmup_iters: int = 0, phases: dict[str, int | None] | None = None) -> None:
+        """``steps``: step numbers or phase names; ``phases``: the step each name stands for
+        (``load`` is resolved at ``install`` from the loop's loaded iteration)."""
+        phases = dict(phases or {})
+        self._wants_load = "load" in steps
+        unknown = [s for s in steps if isinstance(s, str) and s != "load"
+                   and phases.get(s) is None]
+        if unknown:
+            raise PlasticityError(f"plasticity.fire.steps names {unknown}: this run has no "
+                                  f"such phase boundary (known here: {phases})")
+        self.steps = sorted({phases[s] if isinstance(s, str) else s for s in steps
+                             if s != "load"})
         self.mode, self.method, self.rewarmup_iters = mode, method, rewarmup_iters
         self._events: list[dict[str, Any]] = []
         self._parts: list[Part] = []
@@ -120,6 +131,17 @@ class FireHook(TrainingHook):
     def install(self, model_chunks, context: HookContext) -> None:
         self._parts = fire_targets(model_chunks, self.mode)
         self._skipped = walk_parts(model_chunks)[1]  # modules that declare no parts
+        if self._wants_load:
+            if context.path == "cpu":
+                raise PlasticityError(
+                    "plasticity.fire.steps names 'load' (the first step after a checkpoint "
+                    "load), but the CPU loop loads no checkpoints; use step numbers there")
+            loaded = context.extra.get("loaded_iteration")
+            if loaded is None:
+                print("megacpp: plasticity.fire.steps 'load': this run loaded no checkpoint, "
+                      "so it has no load boundary (FIRE runs at the other steps only)")
+            else:
+                self.steps = sorted(set(self.steps) | {loaded + 1})
 
     def before_step(self, step, model_chunks, optimizer) -> None:
         if step in self.steps:

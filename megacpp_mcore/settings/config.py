@@ -553,12 +553,21 @@ class StpConfig(_Checked):
     form: Literal["triple", "span"] = "triple"
 
 
+#: phase boundaries ``plasticity.fire.steps`` may name instead of a step number
+FirePhase = Literal["warmup_end", "stp_start", "load"]
+FIRE_PHASES: tuple[str, ...] = typing.get_args(FirePhase)
+
+
 @dataclass(frozen=True)
 class FireConfig(_Checked):
     """FIRE: re-initialise weight matrices to their nearest isometry at chosen steps.
 
     Attributes:
-        steps: optimizer steps (1-based) before which FIRE runs; empty turns FIRE off.
+        steps: optimizer steps (1-based) before which FIRE runs, or named phase boundaries:
+            warmup_end (the first step after the learning-rate warm-up), stp_start (the
+            step the STP loss starts), load (the first step of a run that continues from a
+            checkpoint, e.g. with a longer sequence length for context extension; Megatron
+            launcher only); empty turns FIRE off.
         mode: which parts: all (every declared matrix part), attention (the A layers' query,
             key, value and output) or context_extension (only the A layers' query and key).
         method: exact (polar factor by SVD: singular values equal sqrt(d_out/d_in)) or paper
@@ -569,10 +578,17 @@ class FireConfig(_Checked):
 
     PREFIX: ClassVar[str] = "plasticity.fire"
 
-    steps: tuple[int, ...] = ()
+    steps: tuple[int | FirePhase, ...] = ()
     mode: Literal["all", "attention", "context_extension"] = "all"
     method: Literal["exact", "paper"] = "exact"
     rewarmup_iters: int = 0
+
+
+def fire_phase_steps(lr_warmup_iters: int, stp: Any) -> dict[str, int | None]:
+    """The step each named phase boundary of ``plasticity.fire.steps`` stands for in this
+    recipe (None: the recipe has no such boundary). ``load`` is known only at launch."""
+    return {"warmup_end": lr_warmup_iters + 1 if lr_warmup_iters else None,
+            "stp_start": stp.start_step if stp.enabled else None, "load": None}
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from megacpp_mcore.settings.config import (
     StpConfig,
     TrainingConfig,
     check_fields,
+    fire_phase_steps,
 )
 from megacpp_mcore.settings.sizes import size_problems
 from megacpp_mcore.settings.table import value_problem
@@ -246,6 +247,8 @@ def describe_type(tp: Any) -> str:
     if _is_optional(tp):
         return f"{describe_type(_strip_optional(tp))}, or null"
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
@@ -558,6 +561,19 @@ def _coerce(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
     if value is None:
         raise _fail(origins, path, "null is not allowed here", describe_type(tp))
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. a step number or a phase name
+        own_kind = None  # the complaint of the member of the value's own kind says most
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, path, origins)
+            except RecipeError as err:
+                literal = typing.get_origin(member) is Literal
+                kinds = {type(a) for a in typing.get_args(member)} if literal else {member}
+                own_kind = err if type(value) in kinds else own_kind
+        if own_kind is not None:
+            head, _, _ = str(own_kind).partition("; accepted: ")
+            raise RecipeError(f"{head}; accepted: {describe_type(tp)}")
+        raise _fail(origins, path, f"got {_show(value)}", describe_type(tp))
     if origin is Literal:
         allowed = typing.get_args(tp)
         if not any(type(value) is type(a) and value == a for a in allowed):
@@ -796,12 +812,21 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         )
     # plasticity
     fire = recipe.plasticity.fire
-    late = [s for s in fire.steps if s > training.train_iters]
+    phases = fire_phase_steps(training.lr_warmup_iters, recipe.stp)
+    missing = {"warmup_end": "training.lr_warmup_iters is 0 (no warm-up to end)",
+               "stp_start": "stp.enabled is false"}
+    for name in sorted({s for s in fire.steps if isinstance(s, str)} & set(missing)):
+        if phases[name] is None:
+            problems.append(f"plasticity.fire.steps names {name!r} but {missing[name]}")
+    steps = [phases.get(s) if isinstance(s, str) else s for s in fire.steps
+             if s != "load"]
+    late = [s for s in steps if s is not None and s > training.train_iters]
     if late:
         problems.append(f"plasticity.fire.steps {late} lie beyond training.train_iters "
                         f"({training.train_iters})")
-    if len(set(fire.steps)) != len(fire.steps):
-        problems.append(f"plasticity.fire.steps {list(fire.steps)} repeats a step")
+    if len(set(steps)) != len(steps):
+        problems.append(f"plasticity.fire.steps {list(fire.steps)} repeats a step (named "
+                        f"phases here: {', '.join(f'{k}={v}' for k, v in phases.items() if v)})")
 
     # data
     if data.source == "path" and not data.paths:
