@@ -42,13 +42,19 @@ def _scale(weight: torch.Tensor) -> float:
 
 def isometry(weight: torch.Tensor, method: str = "exact") -> torch.Tensor:
     """The (approximate) nearest isometry of ``weight`` (``[..., d_out, d_in]``, batched over
-    leading dims), times sqrt(d_out / d_in); computed in fp32, returned in fp32."""
+    leading dims), times sqrt(d_out / d_in); computed in fp32, returned in fp32.
+
+    ``exact``: the polar factor ``U V^T`` of an fp32 SVD, then one Newton-Schulz polish step
+    in fp64 (``X (3 I - X^T X) / 2``, quadratic near an isometry): the fp32 SVD alone left
+    singular values 2-4e-3 off the scale at 4096 wide on an H200; the polish squares that."""
     if method not in METHODS:
         raise ValueError(f"FIRE method {method!r}; accepted: {', '.join(METHODS)}")
     w = weight.float()
     if method == "exact":
         u, _, vh = torch.linalg.svd(w, full_matrices=False)
-        return (u @ vh) * _scale(w)
+        x = u.double() @ vh.double()
+        x = 1.5 * x - 0.5 * x @ (x.transpose(-2, -1) @ x)
+        return x.float() * _scale(w)
     x = w / w.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     for _ in range(PAPER_STEPS):
         x = 1.5 * x - 0.5 * x @ (x.transpose(-2, -1) @ x)
