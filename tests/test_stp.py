@@ -23,9 +23,10 @@ from megacpp_mcore.stp import (
     stp_weight,
     straightness,
 )
-from megacpp_mcore.train.hooks import HookContext, HookList
+from megacpp_mcore.train.hooks import HookContext
 from tests.conftest import tiny_model_config
 from tests.distributed_helpers import run_distributed
+from tests.stp_helpers import grads, hook_vs_explicit
 
 
 def _gen(seed=0):
@@ -202,10 +203,6 @@ def test_sequence_split_over_two_ranks_matches_the_unsplit_run(tmp_path, layout_
 # --------------------------------------------------------------------------- gradients via the hook
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _micro_batches(n, batch=2, seq=32, vocab=256):
     gen = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, vocab - 1, (n, batch, seq + 1), generator=gen)
@@ -213,57 +210,9 @@ def _micro_batches(n, batch=2, seq=32, vocab=256):
     return tokens
 
 
-def _hook_vs_explicit(model, layout, layers, micro=2, step=7, weight=0.5, eod_id=255):
-    """Gradients through the hook, through the explicit ``(lm + weight * stp) / micro``, and
-    without STP; the logged metrics and the explicit STP values."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    config = StpConfig(enabled=True, weight=weight, start_step=5, triples=16, min_gap=2,
-                       layers=layers)
-    data = _micro_batches(micro)
-    positions = torch.arange(32).expand(2, 32)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / micro))
-
-    hooks = HookList([StpHook(config, seed=99, eod_id=eod_id)])
-    hooks.install([model], HookContext(num_microbatches=micro, layout=layout))
-    hooks.before_step(step, [model], None)
-    for m in range(micro):
-        hooks.before_micro_batch({"tokens": data[m, :, :-1]})
-        losses = model(data[m, :, :-1], positions, None, labels=data[m, :, 1:])
-        (losses.float().mean() / micro).backward()
-    via_hook = _grads(model)
-    logged = hooks.metrics()
-    hooks.remove()
-    model.zero_grad(set_to_none=True)
-
-    chosen = list(layers) or [layout.depth]
-    captured = []
-    handles = [layer.register_forward_hook(
-        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        for layer in model.decoder.layers if layer.layer_number in chosen]
-    values = []
-    for m in range(micro):
-        captured.clear()
-        tokens = data[m, :, :-1]
-        losses = model(tokens, positions, None, labels=data[m, :, 1:])
-        stp = 0.0
-        for hidden in captured:
-            gen = torch.Generator().manual_seed(sample_seed(99, step, m, 0))
-            stp = stp + stp_loss(hidden.transpose(0, 1), samples=16, min_gap=2,
-                                 eod_mask=tokens == eod_id, generator=gen)
-        stp = stp / len(captured)
-        values.append(stp.item())
-        ((losses.float().mean() + weight * stp) / micro).backward()
-    for handle in handles:
-        handle.remove()
-    explicit = _grads(model)
-    model.zero_grad(set_to_none=True)
-    for m in range(micro):
-        losses = model(data[m, :, :-1], positions, None, labels=data[m, :, 1:])
-        (losses.float().mean() / micro).backward()
-    plain = _grads(model)
-    model.zero_grad(set_to_none=True)
-    return via_hook, explicit, plain, logged, values
+def _hook_vs_explicit(model, layout, layers):
+    return hook_vs_explicit(model, layout, layers, _micro_batches(2), step=7, weight=0.5,
+                            seed=99, eod_id=255, triples=16)
 
 
 def _assert_same_grads(via_hook, explicit, plain):
@@ -320,13 +269,13 @@ def test_before_the_gate_the_loss_is_logged_without_gradient(megatron_single_pro
     data = _micro_batches(1)
     positions = torch.arange(32).expand(2, 32)
     model(data[0, :, :-1], positions, None, labels=data[0, :, 1:]).mean().backward()
-    with_hook = _grads(model)
+    with_hook = grads(model)
     metrics = hook.metrics()
     assert metrics["stp_weight"] == 0.0 and metrics["stp_loss"] > 0
     hook.remove()
     model.zero_grad(set_to_none=True)
     model(data[0, :, :-1], positions, None, labels=data[0, :, 1:]).mean().backward()
-    for name, grad in _grads(model).items():
+    for name, grad in grads(model).items():
         torch.testing.assert_close(with_hook[name], grad, rtol=0, atol=0)
     assert hook.metrics() == {}, "metrics are cleared once read"
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.settings.config import PrecisionConfig, StpConfig
-from megacpp_mcore.stp import StpHook, sample_seed, stp_loss
-from megacpp_mcore.train.hooks import HookContext, HookList
+from megacpp_mcore.settings.config import PrecisionConfig
 from tests.distributed_helpers import run_distributed
 from tests.gpu.conftest import rel_err
+from tests.stp_helpers import hook_vs_explicit
 
 pytestmark = pytest.mark.gpu
 
@@ -25,51 +24,12 @@ def _data():
     return tokens.cuda()
 
 
-def _grads(model):
-    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-            if p.grad is not None}
-
-
 def _hook_and_explicit(model, layout, layers, gather=None):
     """Parameter gradients through the hook and through the explicit loss; logged STP."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    data = _data()
-    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
-    config = StpConfig(enabled=True, weight=WEIGHT, start_step=10, triples=32, min_gap=2,
-                       layers=layers)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / MICRO, device="cuda"))
-    hooks = HookList([StpHook(config, seed=5, eod_id=EOD)])
-    hooks.install([model], HookContext(num_microbatches=MICRO, layout=layout, path="megatron"))
-    hooks.before_step(STEP, [model], None)
-    for m in range(MICRO):
-        hooks.before_micro_batch({"tokens": data[m, :, :-1]})
-        losses = model(data[m, :, :-1], positions, None, labels=data[m, :, 1:])
-        (losses.float().mean() / MICRO).backward()
-    via_hook = _grads(model)
-    logged = hooks.metrics()
-    hooks.remove()
-    model.zero_grad(set_to_none=True)
-
-    chosen = list(layers) or [layout.depth]
-    captured = []
-    handles = [layer.register_forward_hook(
-        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        for layer in model.decoder.layers if layer.layer_number in chosen]
-    for m in range(MICRO):
-        captured.clear()
-        tokens = data[m, :, :-1]
-        losses = model(tokens, positions, None, labels=data[m, :, 1:])
-        stp = 0.0
-        for hidden in captured:
-            full = gather(hidden) if gather is not None else hidden
-            gen = torch.Generator(device="cuda").manual_seed(sample_seed(5, STEP, m, 0))
-            stp = stp + stp_loss(full.transpose(0, 1), samples=32, min_gap=2,
-                                 eod_mask=tokens == EOD, generator=gen)
-        ((losses.float().mean() + WEIGHT * stp / len(captured)) / MICRO).backward()
-    for handle in handles:
-        handle.remove()
-    return via_hook, _grads(model), logged
+    via_hook, explicit, _plain, logged, _values = hook_vs_explicit(
+        model, layout, layers, _data(), step=STEP, weight=WEIGHT, seed=5, eod_id=EOD,
+        triples=32, path="megatron", gather=gather)
+    return via_hook, explicit, logged
 
 
 @pytest.mark.parametrize("pattern,layers", [("AEMFRA", ()), ("AEMFRA", (2, 5))])
