@@ -23,6 +23,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
+from megacpp_mcore.layers.ngram_hash import attach_ngram_hash
 from megacpp_mcore.layout import STAGE_SEPARATOR, Layout, parse_pattern
 from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -213,6 +214,7 @@ def build_model(
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
     )
+    attach_ngram_hash(hybrid, model.ngram_hash)
     hybrid.backend_record = plan.record()
     if not plan.cuda:
         from megacpp_mcore.cpu_support import adapt_model_for_cpu

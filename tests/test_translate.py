@@ -37,7 +37,8 @@ from megacpp_mcore.settings.table import FIXED, SETTINGS
 from tests.megatron_helpers import megatron_parse
 
 #: stock Megatron has no Mamba-3: the native NAM56R runs Mamba-2 at Megatron's chunk size
-MAMBA2 = ["model.mamba.variant=mamba2", "model.mamba.chunk_size=128"]
+MAMBA2 = ["model.mamba.variant=mamba2", "model.mamba.chunk_size=128",
+          "model.ngram_hash.enabled=false"]
 
 arguments = pytest.importorskip("megatron.training.arguments")
 

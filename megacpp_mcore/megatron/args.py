@@ -295,6 +295,7 @@ def model_config_from_args(args: Any) -> ModelConfig:
         mamba=mamba_config_from_args(args),
         recurrent=recurrent_config_from_args(args),
         gdn=section_from_args("model.gdn", args),
+        ngram_hash=section_from_args("model.ngram_hash", args),
     )
 
 

@@ -59,6 +59,12 @@ def _megatron_args():
                         "model, plan)") from err
 
 
+#: attribute the plugin's launcher sets on Megatron's args when its own model builder (which
+#: attaches the embedding extension) builds the model; without it the seam refuses the
+#: extension, which another builder would drop
+BUILDER_MARK = "megacpp_plugin_builder"
+
+
 def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     """Build the stack spec from Megatron's args (``--megacpp-pattern`` and friends)."""
     from megacpp_mcore.megatron.args import model_config_from_args
@@ -72,6 +78,12 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
                         "add_megacpp_args")
     layout = parse_pattern(pattern)
     model = model_config_from_args(args)
+    if model.ngram_hash.enabled and not getattr(args, BUILDER_MARK, False):
+        raise SpecError(
+            "--megacpp-ngram-hash: the n-gram features live on the embedding, outside the "
+            "stack this --spec builds, and this launcher's model builder would drop them; "
+            "train with the plugin's launcher (scripts/pretrain_nam.py, whose builder "
+            "attaches them) or build_model")
     attention = model.attention
     expected = megatron_pattern(layout, PLUGIN_SYMBOLS, a_variants(layout, attention),
                                 mtp_variant(attention))

@@ -336,6 +336,40 @@ class GatedDeltaNetConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class NgramHashConfig(_Checked):
+    """Hashed token n-gram features added to the token embeddings (the seed system's n-gram
+    hash embedding: an input enrichment, off by default; needs the plugin).
+
+    Attributes:
+        enabled: add the features to every token embedding (and to the MTP depths', which
+            share the embedding).
+        orders: n-gram orders hashed (2: a token and the one before it; 3: two before it).
+        tables_per_order: hash tables per order, each with its own hash function.
+        table_size: rows per table (each table takes a distinct prime at or above it).
+        embed_dim: width of a table row; the rows of all tables are concatenated and
+            projected to hidden_size by a zero-initialised linear, so a model starts out as
+            it would without the features.
+        hash_seed: seed of the hash functions and the tables' initialisation; a checkpoint's
+            tables only mean something under the same hashes, so it is fixed per recipe.
+    """
+
+    PREFIX: ClassVar[str] = "model.ngram_hash"
+
+    enabled: bool = False
+    orders: tuple[int, ...] = (2, 3)
+    tables_per_order: int = 8
+    table_size: int = 500_000
+    embed_dim: int = 16
+    hash_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.enabled and not self.orders:
+            raise RecipeError("model.ngram_hash.orders is empty; give the n-gram orders to "
+                              "hash (e.g. [2, 3]) or set model.ngram_hash.enabled false")
+
+
+@dataclass(frozen=True)
 class ModelConfig(_Checked):
     """Model shape shared by every block family, plus one nested section per mixer family.
 
@@ -362,6 +396,7 @@ class ModelConfig(_Checked):
         mamba: the Mamba section (letter M: Mamba-2 or Mamba-3).
         recurrent: the recurrent mixer section (letter R).
         gdn: the Gated DeltaNet section (letter G).
+        ngram_hash: hashed n-gram features added to the token embeddings.
     """
 
     PREFIX: ClassVar[str] = "model"
@@ -387,6 +422,7 @@ class ModelConfig(_Checked):
     mamba: MambaConfig = field(default_factory=MambaConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
+    ngram_hash: NgramHashConfig = field(default_factory=NgramHashConfig)
 
     @property
     def query_groups(self) -> int:

@@ -340,6 +340,24 @@ def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Set
                    "--target native)", **kwargs)
 
 
+def _ngram_row(name: str, kind: str = "value", check: Check | None = None) -> Setting:
+    """An n-gram hash setting: it travels only while the features are enabled."""
+    flag = "--megacpp-ngram-hash" + ("" if name == "enabled" else "-" + name.replace("_", "-"))
+
+    def emit(value: Any, root: Any) -> list[tuple]:
+        if not root.model.ngram_hash.enabled:
+            return []
+        if kind == "switch":
+            return [(flag,)]
+        return [(flag, *value)] if isinstance(value, tuple) else [(flag, value)]
+
+    omits = None if name == "enabled" else (
+        "an n-gram hash setting (model.ngram_hash.enabled is refused by --target native)")
+    return Setting(f"model.ngram_hash.{name}", flag, kind=kind, check=check, emit=emit,
+                   stock=False if name == "enabled" else None, native_omits=omits,
+                   reason="the plugin's embedding extension (layers/ngram_hash.py)")
+
+
 # attention variants (per A position; the positions travel in the pattern) --------------
 
 #: Megatron hybrid symbol of an A position -> its attention variant
@@ -657,6 +675,13 @@ SETTINGS: tuple[Setting, ...] = (
             native_omits="receipts are written by the plugin launcher (plugin target)",
             register=False),
     Setting("logging.tensorboard_dir", "--tensorboard-dir"),
+    # ---- n-gram hash features on the token embeddings (plugin only)
+    _ngram_row("enabled", kind="switch"),
+    _ngram_row("orders"),
+    _ngram_row("tables_per_order"),
+    _ngram_row("table_size"),
+    _ngram_row("embed_dim"),
+    _ngram_row("hash_seed"),
     # ---- plasticity (plugin only: the training hooks in megacpp_mcore/plasticity/)
     _plasticity_row("fire", "steps"),
     _plasticity_row("fire", "mode"),

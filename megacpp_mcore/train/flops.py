@@ -255,16 +255,19 @@ class FlopsBreakdown:
     """Forward FLOPs per token, split by where they are spent.
 
     ``per_letter`` sums the main decoder's layers by letter; ``mtp`` is every MTP depth
-    (its layers, projection and output layer); ``output`` the main output layer.
+    (its layers, projection and output layer); ``output`` the main output layer;
+    ``embedding`` the n-gram features' projection (table lookups count no FLOPs), for the
+    main embedding and again for each MTP depth, which embeds its shifted tokens anew.
     """
 
     per_letter: dict[str, float]
     output: float
     mtp: float
+    embedding: float = 0.0
 
     @property
     def forward(self) -> float:
-        return sum(self.per_letter.values()) + self.output + self.mtp
+        return sum(self.per_letter.values()) + self.output + self.mtp + self.embedding
 
     @property
     def training(self) -> float:
@@ -298,7 +301,10 @@ def flops_breakdown(
         mtp += sum(mtp_a if letter == "A" else layer_flops(letter, model, seq_length)
                    for letter in part)
         mtp += mtp_projection_flops(model) + output
-    return FlopsBreakdown(per_letter=per_letter, output=output, mtp=mtp)
+    ngram = model.ngram_hash
+    embedding = (2.0 * len(ngram.orders) * ngram.tables_per_order * ngram.embed_dim
+                 * model.hidden_size * (1 + len(layout.mtp)) if ngram.enabled else 0.0)
+    return FlopsBreakdown(per_letter=per_letter, output=output, mtp=mtp, embedding=embedding)
 
 
 def model_flops_per_token(

@@ -9,15 +9,22 @@ from tests.distributed_helpers import run_distributed
 pytestmark = pytest.mark.gpu
 
 
-def _tp_logits(rank, world_size, pattern, backend):
+def _tp_logits(rank, world_size, pattern, backend, ngram_hash=False):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megacpp_mcore.distributed import init_process_groups
     from megacpp_mcore.layout import parse_pattern
     from megacpp_mcore.model import build_model
-    from megacpp_mcore.settings.config import PrecisionConfig
+    from megacpp_mcore.settings.config import NgramHashConfig, PrecisionConfig
     from tests.gpu.test_model_gpu import gpu_model_config
+
+    config = gpu_model_config()
+    if ngram_hash:  # replicated tables; under SP each rank keeps its chunk of the features
+        from dataclasses import replace
+
+        config = replace(config, ngram_hash=NgramHashConfig(
+            enabled=True, tables_per_order=2, table_size=1009, embed_dim=8))
 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 512, (2, 256), generator=gen).cuda()
@@ -26,8 +33,11 @@ def _tp_logits(rank, world_size, pattern, backend):
     state = None
     for tp in (1, 2):
         init_process_groups(tensor=tp, seed=7)
-        model = build_model(parse_pattern(pattern), gpu_model_config(), backend=backend,
+        model = build_model(parse_pattern(pattern), config, backend=backend,
                             precision=PrecisionConfig("fp32"), sequence_parallel=tp > 1)
+        if state is None and ngram_hash:  # a projection that is not zero: features count
+            with torch.no_grad():
+                model.embedding.ngram_hash.proj.weight.normal_(0, 0.02)
         if state is None:  # TP=1: keep the full weights
             state = {k: v.detach().clone() if torch.is_tensor(v) else v
                      for k, v in model.state_dict().items()}
@@ -101,4 +111,13 @@ def test_tp2_sequence_parallel_equals_tp1(backend, tmp_path):
     for tp1, tp2 in run_distributed(_tp_logits, 2, tmp_path, "AMFRA", backend):
         error = ((tp2 - tp1).norm() / tp1.norm()).item()
         print(backend, "TP2+SP vs TP1 logits rel err", error)
+        assert error < 1e-4
+
+
+def test_tp2_sequence_parallel_equals_tp1_with_ngram_hash(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for tp1, tp2 in run_distributed(_tp_logits, 2, tmp_path, "AMFA", "te", True):
+        error = ((tp2 - tp1).norm() / tp1.norm()).item()
+        print("n-gram hash TP2+SP vs TP1 logits rel err", error)
         assert error < 1e-4
