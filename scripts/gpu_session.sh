@@ -52,7 +52,8 @@ for s in "$@"; do case $s in
               test_bench_gpu.py test_model_gpu.py ;;
   gpu2tests) pytest_file 240 test_tensor_parallel_gpu.py \
               test_checkpoints_gpu.py::test_plugin_checkpoint_moves_tp_1_2_1_on_two_gpus \
-              "test_stp_gpu.py::test_hook_equals_explicit_loss_under_tensor_parallel_2" ;;
+              "test_stp_gpu.py::test_hook_equals_explicit_loss_under_tensor_parallel_2" \
+              "test_plasticity_gpu.py::test_two_gpu_layouts_equal_one_gpu" ;;
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
   train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_embedded.json"
          step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$LOGDIR/tiny_mock.json" ;;
