@@ -26,17 +26,11 @@ from tests.conftest import tiny_model_config
 pytestmark = pytest.mark.gpu
 
 
-def _megatron(dist_opt: bool, dtype: str = "bf16"):
+def _wrap(model, dist_opt: bool, dtype: str):
+    """Megatron's DDP around ``model`` and the optimizer Megatron builds for it (Adam)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megacpp_mcore.distributed import seed_everything
-
-    seed_everything(1234)
-    config = tiny_model_config(moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=64,
-                                             grouped_gemm=False, token_dispatcher="alltoall"))
-    model = build_model(parse_pattern("AEMF"), config, backend="local",
-                        precision=PrecisionConfig(params_dtype=dtype)).cuda()
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -44,10 +38,22 @@ def _megatron(dist_opt: bool, dtype: str = "bf16"):
         module=model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, bf16=dtype == "bf16",
-                        params_dtype=getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)),
+                        params_dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}
+                                             .get(dtype, dtype)),
                         use_distributed_optimizer=dist_opt, clip_grad=0.0),
         [ddp])
     return ddp, optimizer
+
+
+def _megatron(dist_opt: bool, dtype: str = "bf16"):
+    from megacpp_mcore.distributed import seed_everything
+
+    seed_everything(1234)
+    config = tiny_model_config(moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=64,
+                                             grouped_gemm=False, token_dispatcher="alltoall"))
+    model = build_model(parse_pattern("AEMF"), config, backend="local",
+                        precision=PrecisionConfig(params_dtype=dtype)).cuda()
+    return _wrap(model, dist_opt, dtype)
 
 
 def _step(ddp, optimizer, lr=None, seed=0):
@@ -150,8 +156,6 @@ def _two_gpu_run(rank, world_size, layout_kind):
     (each rank a shard of the fp32 main params and moments)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megacpp_mcore.distributed import init_process_groups
     from megacpp_mcore.train.hooks import HookList
@@ -175,15 +179,7 @@ def _two_gpu_run(rank, world_size, layout_kind):
             _load_shards(model, state, parallel_state.get_tensor_model_parallel_rank())
         else:
             model.load_state_dict(state, strict=False)
-        ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                     use_distributed_optimizer=dist_opt),
-            module=model)
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, bf16=False,
-                            params_dtype=torch.float32, use_distributed_optimizer=dist_opt,
-                            clip_grad=0.0), [ddp])
+        ddp, optimizer = _wrap(model, dist_opt, "fp32")
         hooks = HookList([FireHook([2], "all"), DashHook(every=1, start=2),
                           RedoHook(every=1, start=2, tau=0.6)])
         hooks.install([ddp], HookContext(path="megatron"))
