@@ -83,3 +83,21 @@ def megatron_parse(plan):
     """Megatron's parsed, validated args (and its TransformerConfig) for the plan's flags."""
     with parsed_megatron_args(plan) as args:
         return args, core_transformer_config_from_args(args)
+
+
+def mla_attention_on_cpu(monkeypatch, q_lora_rank=32):
+    """Megatron's MLASelfAttention from the plugin's local spec, on the CPU: its rotary
+    embedding asks torch.cuda for a device at construction (the only CUDA use before a
+    forward), which is pointed at the CPU here."""
+    from megatron.core.transformer import MLATransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.specs.attention import _local_mla
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    config = MLATransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, q_lora_rank=q_lora_rank,
+        kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6,
+        add_bias_linear=False, use_cpu_initialization=True, rope_type="rope",
+        normalization="RMSNorm")
+    return build_module(_local_mla(), config=config, layer_number=1)

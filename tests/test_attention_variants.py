@@ -3,8 +3,10 @@ stack's slot per Megatron symbol, the fail-closed build without CUDA, and the DS
 deviation record (the GPU builds are in tests/gpu/test_nam56r_gpu.py)."""
 
 import argparse
+import math
 
 import pytest
+import torch
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from megacpp_mcore import backend
@@ -19,6 +21,7 @@ from megacpp_mcore.specs.attention import attention_layer_spec
 from megacpp_mcore.specs.stack import build_stack_submodules
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 from tests.conftest import tiny_model_config
+from tests.megatron_helpers import mla_attention_on_cpu
 
 SEED_LIKE = AttentionConfig(variant="dsa", mla_ranks=(0, 3), mtp_variant="mla")
 
@@ -89,3 +92,14 @@ def test_flex_dispatcher_fails_closed_without_deepep():
     if not backend.have_module("deep_ep"):
         with pytest.raises(SpecError, match="deep_ep package"):
             resolve_backend("local", parse_pattern("AE"), cuda=True, moe_dispatcher="flex")
+
+
+def test_local_mla_runs_with_its_own_key_and_value_widths(megatron_single_process,
+                                                          monkeypatch):
+    """The plugin's local MLA spec builds and runs: its SDPA core takes MLA's query-key width
+    (qk 8 + rope 4) and value width (6) (it refused k_channels before, on any machine)."""
+    attention = mla_attention_on_cpu(monkeypatch)
+    hidden = torch.randn(10, 2, 64)
+    out, _ = attention(hidden, attention_mask=None)
+    assert out.shape == (10, 2, 64) and torch.isfinite(out).all()
+    assert attention.core_attention.softmax_scale == pytest.approx(1 / math.sqrt(12))

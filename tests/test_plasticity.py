@@ -17,6 +17,7 @@ from megacpp_mcore.plasticity.redo import RedoHook, dormant_units, dormant_units
 from megacpp_mcore.settings.config import PrecisionConfig
 from megacpp_mcore.train.hooks import HookContext
 from tests.conftest import tiny_model_config
+from tests.megatron_helpers import mla_attention_on_cpu
 
 FP32 = PrecisionConfig(params_dtype="fp32")
 
@@ -137,6 +138,48 @@ def test_fire_target_modes(megatron_single_process):
     everything = {p.name for p in fire_targets([model], "all")}
     assert not everything & {"state", "dt", "f"}
     assert "state" in {p.name for p in fire_targets([model], "all", include_state=True)}
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_mla_declares_query_key_value_parts(megatron_single_process, monkeypatch,
+                                            q_lora_rank):
+    attention = mla_attention_on_cpu(monkeypatch, q_lora_rank)
+    parts = {p.name: p for p in walk_parts([attention])[0]}
+    expected = {"query", "kv_down", "key", "value", "out"} | (
+        {"query_down"} if q_lora_rank else set())
+    assert set(parts) == expected and all(p.family == "A" for p in parts.values())
+    assert parts["query"].global_shape() == (4 * (8 + 4), q_lora_rank or 64)
+    assert parts["key"].global_shape() == (4 * 8, 16)  # per head 8 key rows of 8 + 6
+    assert parts["value"].global_shape() == (4 * 6, 16)
+    assert parts["kv_down"].global_shape() == (16 + 4, 64)
+    kv_up = attention.linear_kv_up_proj.weight.view(4, 8 + 6, 16)
+    torch.testing.assert_close(kv_up[:, :8].reshape(-1, 16),
+                               kv_up.reshape(-1, 16)[parts["key"].index()])
+    ctx = {p.name for p in fire_targets([attention], "context_extension")}
+    assert ctx == {"query", "key"} | ({"query_down"} if q_lora_rank else set())
+
+
+def test_fire_on_mla_touches_only_queries_and_keys(megatron_single_process, monkeypatch):
+    attention = mla_attention_on_cpu(monkeypatch)
+    optimizer = torch.optim.AdamW(attention.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in attention.named_parameters()}
+    hook = FireHook([1], mode="context_extension")
+    hook.install([attention], HookContext())
+    hook.before_step(1, [attention], optimizer)
+    [event] = hook.events()
+    assert event["touched"] == 3  # query_down, query, key
+    for part in hook._parts:
+        index = part.index()
+        w = part.param.detach() if index is None else part.param.detach()[index]
+        singular = torch.linalg.svdvals(w.double())
+        scale = math.sqrt(w.shape[0] / w.shape[1])
+        assert (singular - scale).abs().max() < 1e-3, part.name
+    kv_up = attention.linear_kv_up_proj.weight.detach().view(4, 14, 16)
+    torch.testing.assert_close(kv_up[:, 8:], before["linear_kv_up_proj.weight"].view(4, 14, 16)
+                               [:, 8:], rtol=0, atol=0)  # the values' rows are untouched
+    for name in ("linear_kv_down_proj.weight", "linear_proj.weight"):
+        torch.testing.assert_close(dict(attention.named_parameters())[name].detach(),
+                                   before[name], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- on a model
@@ -260,3 +303,4 @@ def test_exact_fire_polishes_an_inaccurate_svd(monkeypatch):
     assert (torch.linalg.svdvals(raw[0] @ raw[2]) - 1).abs().max() > 1e-3  # the noise bites
     singular = torch.linalg.svdvals(fire.isometry(w, "exact").double())
     assert (singular - 2 ** 0.5).abs().max() < 1e-4
+

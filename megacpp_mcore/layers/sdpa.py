@@ -33,9 +33,14 @@ class SDPACoreAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
     ):
+        """``k_channels``/``v_channels``: per-head query-key and value widths where they
+        differ from ``kv_channels`` (multi-latent attention passes both); SDPA takes values of
+        another width than queries and keys as they are."""
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError(
@@ -47,7 +52,7 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.heads_per_rank = divide(config.num_attention_heads, tp_size)
         self.groups_per_rank = divide(config.num_query_groups, tp_size)
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(k_channels or config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(

@@ -9,10 +9,10 @@ gathers exactly that matrix over the right group and never guesses from paramete
 
 Sources: the project's mixers declare their parts themselves (``plasticity_parts()``);
 Megatron's own modules are read here by module type (``SelfAttention``, ``MLP``,
-``TEGroupedMLP``, ``MambaMixer``), from their own size attributes. Anything else (MLA/DSA
-attention, Gated DeltaNet, embeddings, the output layer, routers, norms, biases, convolution
-kernels) declares nothing and is never a target; :func:`walk_parts` reports the modules it
-skipped so nothing is dropped silently.
+``TEGroupedMLP``, ``MambaMixer``, MLA and DSA's absorbed MLA), from their own size attributes.
+Anything else (DSA's indexer, Gated DeltaNet, embeddings, the output layer, routers, norms,
+biases, convolution kernels) declares nothing and is never a target; :func:`walk_parts`
+reports the modules it skipped so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import torch
 
 from megacpp_mcore.plasticity import sharding
 
+#: Megatron's multi-latent attention modules (MLA; DSA's absorbed MLA), by type name
+LATENT_ATTENTION = ("MLASelfAttention", "AbsorbedMLASelfAttention")
+#: the parts FIRE's context_extension mode re-initialises (queries and keys only)
+QUERY_KEY_PARTS = ("query", "query_down", "key")
 #: FIRE target modes (``plasticity.fire.mode``).
 FIRE_MODES = ("all", "attention", "context_extension")
 #: parts that set time scales or carry recurrent state: never re-initialised by FIRE/DASH
@@ -89,6 +93,37 @@ def _qkv(attention) -> list[tuple]:
             ("out", attention.linear_proj.weight, None, 1)]
 
 
+def _split_dim(weight) -> int | None:
+    """The dim tensor parallelism splits ``weight`` along (None: replicated, as a TE linear
+    in ``duplicated`` mode)."""
+    return weight.partition_dim if getattr(weight, "tensor_model_parallel", False) else None
+
+
+def _latent(attention) -> list[tuple]:
+    """Megatron's multi-latent attention (MLA, and DSA's absorbed MLA, same parameters):
+    ``query_down`` (``linear_q_down_proj``, hidden -> q LoRA rank) and ``query``
+    (``linear_q_up_proj``, or ``linear_q_proj`` without a q LoRA: per head the no-position
+    and rotary dims), ``kv_down`` (``linear_kv_down_proj``: the latent shared by keys and
+    values, plus the keys' rotary dims), ``key`` and ``value`` (``linear_kv_up_proj``, per
+    local head ``qk_head_dim`` key rows then ``v_head_dim`` value rows), ``out``."""
+    config = attention.config
+    heads = attention.num_attention_heads_per_partition
+    kv_up = attention.linear_kv_up_proj.weight
+    k, v = config.qk_head_dim, config.v_head_dim
+    if kv_up.shape[0] != heads * (k + v):
+        raise ValueError(f"linear_kv_up_proj has {kv_up.shape[0]} rows, expected {heads} heads "
+                         f"x ({k} key + {v} value)")
+    keys = tuple((h * (k + v), h * (k + v) + k) for h in range(heads))
+    values = tuple((h * (k + v) + k, (h + 1) * (k + v)) for h in range(heads))
+    q_down = getattr(attention, "linear_q_down_proj", None)
+    query = (attention.linear_q_up_proj if q_down is not None else attention.linear_q_proj).weight
+    decl = [("query_down", q_down.weight, None, _split_dim(q_down.weight))] if q_down else []
+    kv_down = attention.linear_kv_down_proj.weight
+    return [*decl, ("query", query, None, 0), ("kv_down", kv_down, None, _split_dim(kv_down)),
+            ("key", kv_up, keys, 0), ("value", kv_up, values, 0),
+            ("out", attention.linear_proj.weight, None, 1)]
+
+
 def _fc1_parts(weight, gated: bool, prefix: str = "") -> list[tuple]:
     if not gated:
         return [(f"{prefix}up", weight, None, 0)]
@@ -123,6 +158,8 @@ def _declared(module) -> tuple[str, list[tuple]] | None:
         return family, module.plasticity_parts()
     if isinstance(module, SelfAttention):
         return "A", _qkv(module)
+    if type(module).__name__ in LATENT_ATTENTION:
+        return "A", _latent(module)
     if isinstance(module, MLP):
         return "F", _mlp(module)
     if type(module).__name__ == "MambaMixer":
@@ -133,7 +170,7 @@ def _declared(module) -> tuple[str, list[tuple]] | None:
 def _skippable(module) -> bool:
     """Modules with their own weights that declare no parts (reported, never targeted)."""
     name = type(module).__name__
-    return any(word in name for word in ("Attention", "GatedDeltaNet", "Mixer"))
+    return any(word in name for word in ("Attention", "GatedDeltaNet", "Mixer", "Indexer"))
 
 
 def walk_parts(model_chunks: Sequence[torch.nn.Module]) -> tuple[list[Part], list[str]]:
@@ -168,6 +205,9 @@ def walk_parts(model_chunks: Sequence[torch.nn.Module]) -> tuple[list[Part], lis
                 family = "E"  # the shared expert
             kind = {"A": "attention", "F": "mlp", "E": "shared_expert"}.get(family, "mixer")
             add(module, family, decl, layer, None, kind)
+            core = getattr(module, "core_attention", None)
+            if core is not None:  # DSA's indexer has weights of its own: report it
+                visit(core, layer, in_moe, expert)
             return
         if _skippable(module) and any(p.ndim >= 2 for p in module.parameters(recurse=False)):
             skipped.append(f"layer {layer}: {type(module).__name__}")
@@ -189,13 +229,14 @@ def fire_targets(model_chunks: Sequence[torch.nn.Module], mode: str = "all", *,
                  include_gates: bool = False, include_state: bool = False) -> list[Part]:
     """The parts FIRE re-initialises, by block family and role.
 
-    ``all``: every declared matrix part; ``attention``: the A layers' query, key, value and
-    output; ``context_extension``: only the A layers' query and key parts (for MLA/DSA, which
-    this project does not declare yet, those would be ``linear_q_up_proj`` (or
-    ``linear_q_proj``) and the key rows of ``linear_kv_up_proj``; they are reported as
-    skipped). Never embeddings, the output layer, norms, biases, 1-D params, convolution
-    kernels or routers (none of them is declared); the dt/forget projections and R's state
-    matrix only when asked.
+    ``all``: every declared matrix part; ``attention``: the A layers' parts (query, key,
+    value and output; for MLA/DSA also the q and kv down-projections); ``context_extension``:
+    only the A layers' query and key parts (for MLA/DSA: ``linear_q_down_proj`` and
+    ``linear_q_up_proj`` (or ``linear_q_proj``), and the key rows of ``linear_kv_up_proj``;
+    not ``linear_kv_down_proj``, whose latent feeds the values too). DSA's indexer declares
+    nothing and is reported as skipped. Never embeddings, the output layer, norms, biases,
+    1-D params, convolution kernels or routers (none of them is declared); the dt/forget
+    projections and R's state matrix only when asked.
     """
     if mode not in FIRE_MODES:
         raise ValueError(f"FIRE mode {mode!r}; accepted: {', '.join(FIRE_MODES)}")
@@ -211,7 +252,7 @@ def fire_targets(model_chunks: Sequence[torch.nn.Module], mode: str = "all", *,
         if mode == "attention" and part.family != "A":
             continue
         if mode == "context_extension" and not (part.family == "A"
-                                               and part.name in ("query", "key")):
+                                               and part.name in QUERY_KEY_PARTS):
             continue
         out.append(part)
     return out
