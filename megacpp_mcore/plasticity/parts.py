@@ -9,8 +9,8 @@ gathers exactly that matrix over the right group and never guesses from paramete
 
 Sources: the project's mixers declare their parts themselves (``plasticity_parts()``);
 Megatron's own modules are read here by module type (``SelfAttention``, ``MLP``,
-``TEGroupedMLP``, ``MambaMixer``, MLA and DSA's absorbed MLA), from their own size attributes.
-Anything else (DSA's indexer, Gated DeltaNet, embeddings, the output layer, routers, norms,
+``TEGroupedMLP``, ``MambaMixer``, MLA and DSA's absorbed MLA, ``GatedDeltaNet``), from their
+own size attributes. Anything else (DSA's indexer, embeddings, the output layer, routers, norms,
 biases, convolution kernels) declares nothing and is never a target; :func:`walk_parts`
 reports the modules it skipped so nothing is dropped silently.
 """
@@ -31,8 +31,9 @@ QUERY_KEY_PARTS = ("query", "query_down", "key")
 #: FIRE target modes (``plasticity.fire.mode``).
 FIRE_MODES = ("all", "attention", "context_extension")
 #: parts that set time scales or carry recurrent state: never re-initialised by FIRE/DASH
-#: unless asked (the forget/dt projections set the decay rates; W is R's state matrix).
-GATE_PARTS = ("dt", "f")
+#: unless asked (the forget/dt/alpha projections set decay rates, beta G's write strength;
+#: W is R's state matrix).
+GATE_PARTS = ("dt", "f", "beta", "alpha")
 STATE_PARTS = ("state",)
 
 
@@ -124,6 +125,20 @@ def _latent(attention) -> list[tuple]:
             ("out", attention.linear_proj.weight, None, 1)]
 
 
+def _gated_delta_net(gdn) -> list[tuple]:
+    """Megatron's ``GatedDeltaNet``: in_proj q | k | v | z | beta | alpha per rank, from the
+    split table Megatron itself declares (``in_proj_split_names`` / ``_sections``, the one its
+    sharded checkpoint uses); beta and alpha set write strengths and decay rates (gates)."""
+    parts, start = [], 0
+    for name, n in zip(gdn.in_proj_split_names, gdn.in_proj_split_sections, strict=True):
+        parts.append((name, gdn.in_proj.weight, ((start, start + n),), 0))
+        start += n
+    if start != gdn.in_proj.weight.shape[0]:
+        raise ValueError(f"GatedDeltaNet in_proj has {gdn.in_proj.weight.shape[0]} rows, its "
+                         f"split table {start}")
+    return [*parts, ("out", gdn.out_proj.weight, None, 1)]
+
+
 def _fc1_parts(weight, gated: bool, prefix: str = "") -> list[tuple]:
     if not gated:
         return [(f"{prefix}up", weight, None, 0)]
@@ -164,6 +179,8 @@ def _declared(module) -> tuple[str, list[tuple]] | None:
         return "F", _mlp(module)
     if type(module).__name__ == "MambaMixer":
         return "M", _mamba_mixer(module)
+    if type(module).__name__ == "GatedDeltaNet":
+        return "G", _gated_delta_net(module)
     return None
 
 

@@ -53,6 +53,33 @@ def test_tiny_gdn_builds_and_trains(megatron_gpu, backend):
         "the G layer (layer 6) must receive finite gradients")
 
 
+def test_gdn_declares_its_parts_and_fire_leaves_its_gates(megatron_gpu):
+    """G's in_proj parts come from Megatron's own split table; FIRE (all) re-initialises
+    q, k, v, z and the output, never beta and alpha (write strength and decay)."""
+    from megacpp_mcore.distributed import seed_everything
+    from megacpp_mcore.plasticity.fire import FireHook, isometry
+    from megacpp_mcore.plasticity.parts import fire_targets, walk_parts
+    from megacpp_mcore.train.hooks import HookContext
+
+    seed_everything(1234)
+    recipe = load_recipe("tiny_gdn")
+    model = build_model(recipe.layout, recipe.model, backend="te", precision=recipe.precision)
+    gdn = model.decoder.layers[5].self_attention
+    parts = [p for p in walk_parts([model])[0] if p.family == "G"]
+    assert [p.name for p in parts] == [*gdn.in_proj_split_names, "out"]
+    assert sum(p.global_shape()[0] for p in parts[:-1]) == gdn.in_proj.weight.shape[0]
+    targets = {p.name for p in fire_targets([model], "all") if p.family == "G"}
+    assert targets == {"query", "key", "value", "z", "out"}
+    gates = gdn.in_proj.weight.detach()[-2 * (gdn.num_value_heads // gdn.tp_size):].clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    hook = FireHook([1], mode="all")
+    hook.install([model], HookContext())
+    hook.before_step(1, [model], optimizer)
+    assert torch.equal(gdn.in_proj.weight.detach()[-gates.shape[0]:], gates)
+    query = next(p for p in parts if p.name == "query")
+    w = query.param.detach()[query.index()].float()
+    torch.testing.assert_close(w, isometry(w), atol=2e-2, rtol=0)  # bf16 storage
+
 def test_tiny_gdn_trains_through_the_launcher(tmp_path):
     """``megacpp train tiny_gdn --train-iters 20``: torchrun, Megatron's pretrain, the plugin's
     spec; the receipt completes with finite, falling loss."""
