@@ -2,6 +2,7 @@
 Megatron as the plugin's flags and read back, refused by the native target."""
 
 import pytest
+import torch
 
 from megacpp_mcore.errors import RecipeError, TranslateError
 from megacpp_mcore.features import build_training_hooks
@@ -83,28 +84,45 @@ def test_bad_phase_boundaries_are_refused(sets, message):
 
 
 def test_phase_names_round_trip_through_megatrons_parser():
-    recipe = load_recipe("tiny", [*PHASES, "plasticity.fire.steps=[load, warmup_end, 40]"])
+    recipe = load_recipe("tiny", [*PHASES,
+                                  "plasticity.fire.steps=[seq_length_change, warmup_end, 40]"])
     line = translate(recipe, "plugin").args_line()
-    assert "--megacpp-plasticity-fire-steps load warmup_end 40" in line
+    assert "--megacpp-plasticity-fire-steps seq_length_change warmup_end 40" in line
     with parsed_megatron_args(translate(recipe, "plugin")) as args:
         assert plasticity_config_from_args(args) == recipe.plasticity
 
 
-def test_load_boundary_resolves_at_install():
-    """'load' is the first step after the loaded iteration (the launcher passes it); the
-    CPU loop, which loads no checkpoints, refuses it."""
+def _after_load(loaded, seq_length, saved_seq_length):
+    """FIRE's steps once the first step has run in a launcher run that loaded ``loaded``."""
+    from megacpp_mcore.plasticity.fire import FireHook
+    from megacpp_mcore.train.hooks import HookContext
+
+    hook = FireHook(["seq_length_change", 40])
+    hook.install([], HookContext(path="megatron", extra={"loaded_iteration": loaded,
+                                                         "seq_length": seq_length}))
+    if saved_seq_length is not None:  # what the launcher restores from --load
+        hook.load_state_dict({"seq_length": saved_seq_length})
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    hook.before_step((loaded or 0) + 1, [], optimizer)  # no model: FIRE has no parts here
+    return hook.steps
+
+
+def test_seq_length_change_is_decided_from_the_saved_state():
+    """FIRE at the first step after a load only when the checkpoint was trained at another
+    sequence length (context extension); a resume at the same length (a crash) is none."""
     from megacpp_mcore.errors import PlasticityError
     from megacpp_mcore.plasticity.fire import FireHook
     from megacpp_mcore.train.hooks import HookContext
 
-    hook = FireHook(["load", 40])
-    hook.install([], HookContext(path="megatron", extra={"loaded_iteration": 30}))
-    assert hook.steps == [31, 40]
-    fresh = FireHook(["load", 40])
-    fresh.install([], HookContext(path="megatron", extra={"loaded_iteration": None}))
-    assert fresh.steps == [40]
+    assert _after_load(30, 8192, 4096) == [31, 40]
+    assert _after_load(30, 4096, 4096) == [40]
+    assert _after_load(30, 8192, None) == [31, 40]  # no FIRE state saved: a new phase
+    assert _after_load(None, 4096, None) == [40]  # nothing loaded
+    hook = FireHook(["seq_length_change"])
+    hook.install([], HookContext(path="megatron", extra={"seq_length": 4096}))
+    assert hook.state_dict() == {"seq_length": 4096}  # what the next resume compares
     with pytest.raises(PlasticityError, match="CPU loop loads no checkpoints"):
-        FireHook(["load"]).install([], HookContext(path="cpu"))
+        FireHook(["seq_length_change"]).install([], HookContext(path="cpu"))
 
 
 def test_launcher_resolves_phase_names_from_megatrons_args():

@@ -260,7 +260,8 @@ class RunTracker:
                                    extra={"args": self.args, "eod_id": _eod_id(),
                                           "loaded_iteration": self.args.curr_iteration
                                           if self.args.load and self.args.curr_iteration > 0
-                                          else None})
+                                          else None,
+                                          "seq_length": self.args.seq_length})
         self.hooks.install(self.model_chunks, self.context)
         if self.args.load and self.args.curr_iteration > 0 and self.hooks:
             self._load_hook_state(self.args.curr_iteration)

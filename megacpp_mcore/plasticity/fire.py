@@ -30,6 +30,7 @@ from megacpp_mcore.plasticity.parts import (
     fire_targets,
     walk_parts,
 )
+from megacpp_mcore.settings.config import SEQ_LENGTH_CHANGE
 from megacpp_mcore.train.hooks import HookContext, TrainingHook
 
 METHODS = ("exact", "paper")
@@ -118,38 +119,57 @@ class FireHook(TrainingHook):
     def __init__(self, steps: Sequence[int | str], mode: str = "all", method: str = "exact",
                  rewarmup_iters: int = 0, phases: dict[str, int | None] | None = None) -> None:
         """``steps``: step numbers or phase names; ``phases``: the step each name stands for
-        (``load`` is resolved at ``install`` from the loop's loaded iteration)."""
+        (``seq_length_change`` is decided at the first step, from the loaded iteration and
+        the sequence length the saved state records)."""
         phases = dict(phases or {})
-        self._wants_load = "load" in steps
-        unknown = [s for s in steps if isinstance(s, str) and s != "load"
+        self._on_new_length = SEQ_LENGTH_CHANGE in steps
+        unknown = [s for s in steps if isinstance(s, str) and s != SEQ_LENGTH_CHANGE
                    and phases.get(s) is None]
         if unknown:
             raise PlasticityError(f"plasticity.fire.steps names {unknown}: this run has no "
                                   f"such phase boundary (known here: {phases})")
         self.steps = sorted({phases[s] if isinstance(s, str) else s for s in steps
-                             if s != "load"})
+                             if s != SEQ_LENGTH_CHANGE})
         self.mode, self.method, self.rewarmup_iters = mode, method, rewarmup_iters
         self._events: list[dict[str, Any]] = []
         self._parts: list[Part] = []
         self._skipped: list[str] = []
         self._adapter: OptimizerAdapter | None = None
+        self._loaded: int | None = None
+        self._seq_length: int | None = None
+        self._saved_seq_length: int | None = None
+        self._decided = False
 
     def install(self, model_chunks, context: HookContext) -> None:
         self._parts = fire_targets(model_chunks, self.mode)
         self._skipped = walk_parts(model_chunks)[1]  # modules that declare no parts
-        if self._wants_load:
-            if context.path == "cpu":
-                raise PlasticityError(
-                    "plasticity.fire.steps names 'load' (the first step after a checkpoint "
-                    "load), but the CPU loop loads no checkpoints; use step numbers there")
-            loaded = context.extra.get("loaded_iteration")
-            if loaded is None:
-                print("megacpp: plasticity.fire.steps 'load': this run loaded no checkpoint, "
-                      "so it has no load boundary (FIRE runs at the other steps only)")
-            else:
-                self.steps = sorted(set(self.steps) | {loaded + 1})
+        self._loaded = context.extra.get("loaded_iteration")
+        self._seq_length = context.extra.get("seq_length")
+        if self._on_new_length and context.path == "cpu":
+            raise PlasticityError(
+                "plasticity.fire.steps names 'seq_length_change' (the first step after "
+                "loading a checkpoint trained at another sequence length), but the CPU loop "
+                "loads no checkpoints; use step numbers there")
+
+    def _decide_seq_length_change(self) -> None:
+        """Add the first step after the load when the checkpoint was trained at another
+        sequence length (its saved state says which; a checkpoint without FIRE state counts
+        as another phase). A resume at the same length, after a crash, is no boundary."""
+        self._decided = True
+        if not self._on_new_length or self._loaded is None:
+            return
+        if self._saved_seq_length is None or self._saved_seq_length != self._seq_length:
+            self.steps = sorted(set(self.steps) | {self._loaded + 1})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seq_length": self._seq_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved_seq_length = state.get("seq_length")
 
     def before_step(self, step, model_chunks, optimizer) -> None:
+        if not self._decided:  # after the loop restored the saved state
+            self._decide_seq_length_change()
         if step in self.steps:
             started = time.perf_counter()
             if self._adapter is None or self._adapter.optimizer is not optimizer:

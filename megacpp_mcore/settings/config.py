@@ -590,8 +590,11 @@ class StpConfig(_Checked):
 
 
 #: phase boundaries ``plasticity.fire.steps`` may name instead of a step number
-FirePhase = Literal["warmup_end", "stp_start", "load"]
+FirePhase = Literal["warmup_end", "stp_start", "seq_length_change"]
 FIRE_PHASES: tuple[str, ...] = typing.get_args(FirePhase)
+#: the boundary known only at launch: the first step after loading a checkpoint trained at
+#: another sequence length
+SEQ_LENGTH_CHANGE = "seq_length_change"
 
 
 @dataclass(frozen=True)
@@ -601,9 +604,10 @@ class FireConfig(_Checked):
     Attributes:
         steps: optimizer steps (1-based) before which FIRE runs, or named phase boundaries:
             warmup_end (the first step after the learning-rate warm-up), stp_start (the
-            step the STP loss starts), load (the first step of a run that continues from a
-            checkpoint, e.g. with a longer sequence length for context extension; Megatron
-            launcher only); empty turns FIRE off.
+            step the STP loss starts), seq_length_change (the first step after loading a
+            checkpoint trained at another sequence length, as when context extension
+            continues a run with a longer --seq-length; a resume at the same length is no
+            boundary; Megatron launcher only); empty turns FIRE off.
         mode: which parts: all (every declared matrix part), attention (the A layers' query,
             key, value and output) or context_extension (only the A layers' query and key).
         method: exact (polar factor by SVD: singular values equal sqrt(d_out/d_in)) or paper
@@ -622,9 +626,10 @@ class FireConfig(_Checked):
 
 def fire_phase_steps(lr_warmup_iters: int, stp: Any) -> dict[str, int | None]:
     """The step each named phase boundary of ``plasticity.fire.steps`` stands for in this
-    recipe (None: the recipe has no such boundary). ``load`` is known only at launch."""
+    recipe (None: the recipe has no such boundary). ``seq_length_change`` is known only at
+    launch."""
     return {"warmup_end": lr_warmup_iters + 1 if lr_warmup_iters else None,
-            "stp_start": stp.start_step if stp.enabled else None, "load": None}
+            "stp_start": stp.start_step if stp.enabled else None, SEQ_LENGTH_CHANGE: None}
 
 
 @dataclass(frozen=True)

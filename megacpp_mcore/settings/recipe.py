@@ -45,6 +45,7 @@ from megacpp_mcore.layout import FAMILIES, Layout, known_families, parse_pattern
 from megacpp_mcore.paths import RECIPES_DIR, REPO_ROOT
 from megacpp_mcore.settings.attention import LATENT, attention_problems, used_variants
 from megacpp_mcore.settings.config import (
+    SEQ_LENGTH_CHANGE,
     DataConfig,
     LoggingConfig,
     ModelConfig,
@@ -819,7 +820,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         if phases[name] is None:
             problems.append(f"plasticity.fire.steps names {name!r} but {missing[name]}")
     steps = [phases.get(s) if isinstance(s, str) else s for s in fire.steps
-             if s != "load"]
+             if s != SEQ_LENGTH_CHANGE]
     late = [s for s in steps if s is not None and s > training.train_iters]
     if late:
         problems.append(f"plasticity.fire.steps {late} lie beyond training.train_iters "
