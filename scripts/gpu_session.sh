@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh tests train bench
 # Steps: env, tests, gputests (one pytest per file, failure reasons printed), gpu2tests
 # (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
-# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, and any
+# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, and any
 # comma-separated list of test ids under tests/gpu (test_x.py::name,test_y.py), run as one step. Needs the staged wheels on PYTHONPATH.
 # Logs and receipts go to $LOGDIR and are packed into $OUT/$TAG.tgz at the end (the device
 # tool returns at most 8 files), so two sessions can run side by side on two GPUs
@@ -66,6 +66,10 @@ for s in "$@"; do case $s in
   rbench) step rbench 540 python3 scripts/bench_r_scan.py --quick --sweep --no-reference --json "$LOGDIR/r_sweep.json" ;;
   benchtests) step benchtests 400 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/gpu/test_bench_gpu.py ;;
   vsnative) step vsnative 580 python3 -m megacpp_mcore.cli.main bench --quick --budget-s 400 --json "$LOGDIR/bench_quick.json" ;;
+  tune) # issue 13's next measurements: the fusions the plugin's launcher turns off, then
+        # CUDA graphs and a larger micro-batch, each tuned run against native and plugin
+        step tune_rope 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --tuned-config apply_rope_fusion=true --json "$LOGDIR/tune_rope.json"
+        step tune_graphs 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --cuda-graphs attn,mamba,moe_router,moe_preprocess --tuned-micro-batch 4 --json "$LOGDIR/tune_graphs.json" ;;
   vsnative_r) step vsnative_r 580 python3 -m megacpp_mcore.cli.main bench --quick --pattern AEMEAEMEAEMR --families R --budget-s 400 --json "$LOGDIR/bench_r.json" ;;
   tier_a) step tier_a 520 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 300 tests/gpu/test_model_gpu.py tests/gpu/test_m2rnn_scan_gpu.py tests/gpu/test_recipes_gpu.py tests/gpu/test_plasticity_gpu.py tests/gpu/test_stp_gpu.py tests/gpu/test_checkpoints_gpu.py tests/gpu/test_gdn_gpu.py ;;
   tier_b) step tier_b 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 400 tests/gpu/test_nam56r_gpu.py tests/gpu/test_mamba3_gpu.py ;;
