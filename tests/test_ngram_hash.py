@@ -209,3 +209,25 @@ def test_flops_count_the_projection_per_embedding_pass():
     on = flops_breakdown(parse_pattern("AF/AF"), config)
     assert on.embedding == 2 * (2 * 2 * 4) * 64 * 2 and off.embedding == 0
     assert on.forward - off.forward == on.embedding
+
+
+def test_the_plugin_model_config_serialises_like_megatrons():
+    """Megatron's config container may dump, reload and deep-copy the model config: the
+    plugin's subclass (and its builder) survive all three."""
+    import copy
+
+    import yaml
+    from megatron.core.transformer import TransformerConfig
+    from megatron.training.config.yaml_utils import safe_yaml_representers
+
+    from megacpp_mcore.megatron.builder import MegacppHybridModelBuilder, MegacppHybridModelConfig
+
+    config = MegacppHybridModelConfig(
+        transformer=TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4),
+        vocab_size=512, seq_length=128, hybrid_layer_pattern="*-", ngram_hash=SMALL)
+    data = config.as_dict()
+    with safe_yaml_representers():
+        assert "ngram_hash" in yaml.safe_dump(data)
+    for again in (MegacppHybridModelConfig.from_dict(data), copy.deepcopy(config)):
+        assert again.ngram_hash == SMALL
+        assert again.get_builder_cls() is MegacppHybridModelBuilder
