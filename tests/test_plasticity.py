@@ -140,6 +140,32 @@ def test_fire_target_modes(megatron_single_process):
     assert "state" in {p.name for p in fire_targets([model], "all", include_state=True)}
 
 
+def test_dash_leaves_the_rows_of_gate_parts(megatron_single_process):
+    """M's in_proj holds z | x | B | C | dt: DASH shrinks the first four, never dt (it sets
+    the decay rates), and counts only the rows it may shrink."""
+    from megacpp_mcore.plasticity.dash import DashHook
+
+    model = _model("M")
+    mixer = model.decoder.layers[0].mixer
+    dt = next(p for p in walk_parts([model])[0] if p.name == "dt").index()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for param in model.parameters():  # a gradient along every row: DASH shrinks each
+        param.grad = param.detach().clone()
+    hook = DashHook(every=1, start=2)
+    hook.install([model], HookContext())
+    hook.after_step(1, [model], optimizer)
+    before = mixer.in_proj.weight.detach().clone()
+    hook.before_step(2, [model], optimizer)
+    [event] = hook.events()
+    after = mixer.in_proj.weight.detach()
+    torch.testing.assert_close(after[dt], before[dt], rtol=0, atol=0)
+    others = torch.ones(before.shape[0], dtype=torch.bool)
+    others[dt] = False
+    assert (after[others].norm(dim=1) < before[others].norm(dim=1)).all()
+    assert event["rows"] == sum(p.param.shape[0] if p.rows is None else len(p.index())
+                                for p in hook._parts)
+
+
 @pytest.mark.parametrize("q_lora_rank", [32, None])
 def test_mla_declares_query_key_value_parts(megatron_single_process, monkeypatch,
                                             q_lora_rank):

@@ -74,6 +74,16 @@ def shrink_rows_sharded(weight: torch.Tensor, grad_ema: torch.Tensor, lam: float
     return w * scale[:, None], scale
 
 
+def _target_rows(parts, n_rows: int, device) -> torch.Tensor | None:
+    """Mask of a parameter's local rows that belong to its target parts (None: all)."""
+    if any(part.rows is None for part in parts):
+        return None
+    mask = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    for part in parts:
+        mask[part.index().to(device)] = True
+    return None if bool(mask.all()) else mask
+
+
 class DashHook(TrainingHook):
     """Gradient EMA in ``after_step``; shrink at ``start``, ``start + every``, ... (before
     that step's first micro-batch)."""
@@ -93,7 +103,7 @@ class DashHook(TrainingHook):
     def install(self, model_chunks, context: HookContext) -> None:
         parts = [p for p in fire_targets(model_chunks, self.mode) if p.param.ndim == 2]
         self._parts = parts
-        self._targets = [(param, ps[0]) for param, ps in by_param(parts)]
+        self._targets = list(by_param(parts))  # (param, its target parts)
         self._names = param_names(model_chunks)
 
     def _adapter_for(self, optimizer) -> OptimizerAdapter:
@@ -126,20 +136,27 @@ class DashHook(TrainingHook):
         adapter = self._adapter_for(optimizer)
         digests = []
         counts = {False: [0, 0], True: [0, 0]}  # routed expert? -> [shrunk rows, rows]
-        for param, part in self._targets:
+        for param, parts in self._targets:
+            part = parts[0]  # the parts of one parameter share its tensor-parallel split
             slot = adapter.slot(param)
             ema = self.ema.get(self._names[id(param)])
             if ema is None and slot.shard is None:
                 continue  # no gradient seen yet (an unused parameter)
             grad = slot.assemble(ema)
-            new, scale = shrink_rows_sharded(slot.full(), grad, self.lam, part.tp_dim,
-                                             part.tp_group)
+            full = slot.full()
+            new, scale = shrink_rows_sharded(full, grad, self.lam, part.tp_dim, part.tp_group)
+            rows = _target_rows(parts, full.shape[0], full.device)
+            if rows is not None:  # rows of parts DASH leaves (gates such as dt) keep scale 1
+                scale = torch.where(rows, scale, torch.ones_like(scale))
+                new = torch.where(rows[:, None], new, full.float())
             slot.write(new)
             # the whole layer's decision: a column-parallel weight's rows are split over TP
             whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
             digests.append((part, sharding.digest(whole)))
             counts[part.expert is not None][0] += int((whole < 1).sum())
-            counts[part.expert is not None][1] += whole.numel()
+            counts[part.expert is not None][1] += whole.numel() if rows is None else int(
+                sharding.all_reduce(rows.sum().reshape(1).float(),
+                                    part.tp_group if part.tp_dim == 0 else None).item())
         assert_decisions_agree(f"DASH at step {step}", digests)
         shrunk, rows = (int(n) for n in sharding.total_over_experts(counts[False],
                                                                      counts[True]))
