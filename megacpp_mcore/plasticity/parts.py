@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megacpp_mcore.layers.mixer_common import consecutive_parts
 from megacpp_mcore.plasticity import sharding
 
 #: Megatron's multi-latent attention modules (MLA; DSA's absorbed MLA), by type name
@@ -129,14 +130,9 @@ def _gated_delta_net(gdn) -> list[tuple]:
     """Megatron's ``GatedDeltaNet``: in_proj q | k | v | z | beta | alpha per rank, from the
     split table Megatron itself declares (``in_proj_split_names`` / ``_sections``, the one its
     sharded checkpoint uses); beta and alpha set write strengths and decay rates (gates)."""
-    parts, start = [], 0
-    for name, n in zip(gdn.in_proj_split_names, gdn.in_proj_split_sections, strict=True):
-        parts.append((name, gdn.in_proj.weight, ((start, start + n),), 0))
-        start += n
-    if start != gdn.in_proj.weight.shape[0]:
-        raise ValueError(f"GatedDeltaNet in_proj has {gdn.in_proj.weight.shape[0]} rows, its "
-                         f"split table {start}")
-    return [*parts, ("out", gdn.out_proj.weight, None, 1)]
+    sizes = dict(zip(gdn.in_proj_split_names, gdn.in_proj_split_sections, strict=True))
+    return [*consecutive_parts(gdn.in_proj.weight, sizes, tp_dim=0),
+            ("out", gdn.out_proj.weight, None, 1)]
 
 
 def _fc1_parts(weight, gated: bool, prefix: str = "") -> list[tuple]:
@@ -156,11 +152,9 @@ def _mamba_mixer(mixer) -> list[tuple]:
     """Megatron's ``MambaMixer``: in_proj z | x | B | C | dt per rank, from its own sizes."""
     from megacpp_mcore.layers.mamba2 import mamba_fused_parts
 
-    parts, start = [], 0
-    for name, n in mamba_fused_parts(mixer)["in_proj.weight"]:
-        parts.append((name, mixer.in_proj.weight, ((start, start + n),), 0))
-        start += n
-    return [*parts, ("out", mixer.out_proj.weight, None, 1)]
+    sizes = dict(mamba_fused_parts(mixer)["in_proj.weight"])
+    return [*consecutive_parts(mixer.in_proj.weight, sizes, tp_dim=0),
+            ("out", mixer.out_proj.weight, None, 1)]
 
 
 def _declared(module) -> tuple[str, list[tuple]] | None:
