@@ -145,18 +145,16 @@ class DashHook(TrainingHook):
             grad = slot.assemble(ema)
             full = slot.full()
             new, scale = shrink_rows_sharded(full, grad, self.lam, part.tp_dim, part.tp_group)
-            rows = _target_rows(parts, full.shape[0], full.device)
-            if rows is not None:  # rows of parts DASH leaves (gates such as dt) keep scale 1
-                scale = torch.where(rows, scale, torch.ones_like(scale))
-                new = torch.where(rows[:, None], new, full.float())
+            targeted = _target_rows(parts, full.shape[0], full.device)
+            if targeted is not None:  # rows of parts DASH leaves (gates such as dt): scale 1
+                scale = torch.where(targeted, scale, torch.ones_like(scale))
+                new = torch.where(targeted[:, None], new, full.float())
             slot.write(new)
             # the whole layer's decision: a column-parallel weight's rows are split over TP
             whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
             digests.append((part, sharding.digest(whole)))
             counts[part.expert is not None][0] += int((whole < 1).sum())
-            counts[part.expert is not None][1] += whole.numel() if rows is None else int(
-                sharding.all_reduce(rows.sum().reshape(1).float(),
-                                    part.tp_group if part.tp_dim == 0 else None).item())
+            counts[part.expert is not None][1] += sum(p.global_shape()[0] for p in parts)
         assert_decisions_agree(f"DASH at step {step}", digests)
         shrunk, rows = (int(n) for n in sharding.total_over_experts(counts[False],
                                                                      counts[True]))
