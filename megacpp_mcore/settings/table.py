@@ -80,8 +80,10 @@ class Setting:
     families, check.
 
     ``kind`` says how the flag carries the value: ``value`` (``--flag VALUE``, nothing for
-    null), ``switch`` (``--flag`` when true), ``negated`` (``--flag`` when false) or
-    ``choice`` (``choices`` maps each value to its flag, None: Megatron's default, no flag).
+    null; a list as ``--flag V1 V2 ...``, nothing when empty), ``switch`` (``--flag`` when
+    true), ``negated`` (``--flag`` when false) or ``choice`` (``choices`` maps each value to
+    its flag, None: Megatron's default, no flag). ``active(root)`` false: the setting's
+    feature is off and it travels in no flag (nothing for the native target to refuse).
     ``emit`` replaces that for the few settings with a conditional or multi-flag form: it
     gets ``(value, root)`` (``root`` has the recipe's sections as attributes) and returns
     ``[(flag, *values), ...]``. ``read`` replaces the default read-back from args.
@@ -104,6 +106,7 @@ class Setting:
     reason: str | None = None
     stock: Any = None
     emit: Callable[[Any, Any], list[tuple]] | None = None
+    active: Callable[[Any], bool] | None = None
     read_args: Callable[[Any], Any] | None = None
     native_omits: str | None = None
     native_hint: str | None = None
@@ -143,11 +146,15 @@ class Setting:
     def flags(self, root: Any) -> list[tuple]:
         """``[(flag, *values), ...]`` this setting emits for ``root``."""
         value = self.value(root)
+        if self.active is not None and not self.active(root):
+            return []
         if self.emit is not None:
             return self.emit(value, root)
         if self.flag is None and self.kind != "choice":
             return []
         if self.kind == "value":
+            if isinstance(value, tuple):
+                return [(self.flag, *value)] if value else []
             return [] if value is None else [(self.flag, value)]
         if self.kind == "switch":
             return [(self.flag,)] if value else []
@@ -308,34 +315,17 @@ def _none(value: Any, root: Any) -> list[tuple]:
     return []
 
 
-def _stp_flags(value: Any, root: Any, flag: str) -> list[tuple]:
-    """An STP setting travels only while STP is on (nothing for the native target to refuse
-    when it is off)."""
-    if not root.stp.enabled:
-        return []
-    if isinstance(value, tuple):
-        return [(flag, *value)] if value else []
-    return [(flag, value)]
-
-
 def _stp_row(name: str, flag: str, check: Check | None = None, **kwargs: Any) -> Setting:
-    return Setting(f"stp.{name}", flag, check=check,
-                   emit=lambda value, root: _stp_flags(value, root, flag),
+    """An STP setting: it travels only while STP is on."""
+    return Setting(f"stp.{name}", flag, check=check, active=lambda root: root.stp.enabled,
                    native_omits="STP needs the plugin (stp.enabled is refused by --target "
                    "native)", **kwargs)
 
 
 def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Setting:
     """A Mamba-3 setting: it travels only while model.mamba.variant is mamba3."""
-
-    def emit(value: Any, root: Any) -> list[tuple]:
-        if root.model.mamba.variant != "mamba3":
-            return []
-        if kind == "switch":
-            return [(flag,)] if value else []
-        return [(flag, value)]
-
-    return Setting(f"model.mamba.{name}", flag, kind=kind, families="M", emit=emit,
+    return Setting(f"model.mamba.{name}", flag, kind=kind, families="M",
+                   active=lambda root: root.model.mamba.variant == "mamba3",
                    native_omits="a Mamba-3 setting (model.mamba.variant mamba3 is refused by "
                    "--target native)", **kwargs)
 
@@ -343,17 +333,10 @@ def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Set
 def _ngram_row(name: str, kind: str = "value", check: Check | None = None) -> Setting:
     """An n-gram hash setting: it travels only while the features are enabled."""
     flag = "--megacpp-ngram-hash" + ("" if name == "enabled" else "-" + name.replace("_", "-"))
-
-    def emit(value: Any, root: Any) -> list[tuple]:
-        if not root.model.ngram_hash.enabled:
-            return []
-        if kind == "switch":
-            return [(flag,)]
-        return [(flag, *value)] if isinstance(value, tuple) else [(flag, value)]
-
     omits = None if name == "enabled" else (
         "an n-gram hash setting (model.ngram_hash.enabled is refused by --target native)")
-    return Setting(f"model.ngram_hash.{name}", flag, kind=kind, check=check, emit=emit,
+    return Setting(f"model.ngram_hash.{name}", flag, kind=kind, check=check,
+                   active=lambda root: root.model.ngram_hash.enabled,
                    stock=False if name == "enabled" else None, native_omits=omits,
                    reason="the plugin's embedding extension (layers/ngram_hash.py)")
 
@@ -466,17 +449,14 @@ def _bool_value_flags(flag: str) -> Callable[[Any, Any], list[tuple]]:
 def _plasticity_row(section: str, name: str, check: Check | None = None) -> Setting:
     """A plasticity setting: it travels only while its tool is scheduled (a step list for
     FIRE, a cadence for DASH and ReDo)."""
-    flag = f"--megacpp-plasticity-{section}-{name.replace('_', '-')}"
 
-    def emit(value: Any, root: Any) -> list[tuple]:
+    def scheduled(root: Any) -> bool:
         tool = getattr(root.plasticity, section)
-        if not (tool.steps if section == "fire" else tool.every is not None) or value is None:
-            return []
-        if isinstance(value, tuple):
-            return [(flag, *value)] if value else []
-        return [(flag, value)]
+        return bool(tool.steps) if section == "fire" else tool.every is not None
 
-    return Setting(f"plasticity.{section}.{name}", flag, emit=emit, check=check,
+    return Setting(f"plasticity.{section}.{name}",
+                   f"--megacpp-plasticity-{section}-{name.replace('_', '-')}", check=check,
+                   active=scheduled,
                    reason="the plugin's training hooks (megacpp_mcore/plasticity/)")
 
 
