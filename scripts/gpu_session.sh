@@ -37,13 +37,14 @@ step() {  # step NAME SECONDS COMMAND...
     printf '%s\n' "${verdicts[@]}" > "$LOGDIR/verdicts.txt"
     tar czf "$OUT/$TAG.tgz" -C "$LOGDIR" . 2>/dev/null || true
 }
-pytest_file() {  # pytest_file SECONDS FILE[::TEST]...: one step per file, reasons printed
+pytest_ids() {  # pytest_ids SECONDS ID...: one pytest step over tests/gpu ids, reasons printed
     local limit=$1; shift
-    local target
-    for target in "$@"; do
-        step "pytest_$(basename "${target%%::*}" .py)" "$limit" python3 -m pytest -m gpu -q \
-            -p no:cacheprovider -rfEs --tb=short "tests/gpu/$target"
-    done
+    step "pytest_$(basename "${1%%::*}" .py)" "$limit" python3 -m pytest -m gpu -q \
+        -p no:cacheprovider -rfEs --tb=short "${@/#/tests/gpu/}"
+}
+pytest_file() {  # pytest_file SECONDS FILE[::TEST]...: one step per file
+    local limit=$1 target; shift
+    for target in "$@"; do pytest_ids "$limit" "$target"; done
 }
 for s in "$@"; do case $s in
   env) step env 120 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, megatron.core as m; print(torch.__version__, triton.__version__, m.__version__, torch.cuda.get_device_name())"; python3 -c "import transformer_engine as te; print(\"te\", te.__version__)"; python3 -c "import mamba_ssm, causal_conv1d; print(\"mamba\", mamba_ssm.__version__)"' ;;
@@ -85,8 +86,7 @@ for s in "$@"; do case $s in
   benchfeat) step bench_stp 240 python3 scripts/bench_stp.py --models tiny mid --json "$LOGDIR/bench_stp.json"
         step bench_plasticity 240 python3 scripts/bench_plasticity.py --json "$LOGDIR/bench_plasticity.json" ;;
   test_*) IFS=, read -ra ids <<< "$s"  # test_a.py::x,test_b.py: one pytest run of those ids
-        step "pytest_$(basename "${ids[0]%%::*}" .py)" "${PYTEST_LIMIT:-300}" python3 -m pytest \
-            -m gpu -q -p no:cacheprovider -rfEs --tb=short "${ids[@]/#/tests/gpu/}" ;;
+        pytest_ids "${PYTEST_LIMIT:-300}" "${ids[@]}" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 printf '%s\n' "${verdicts[@]}" | tee "$LOGDIR/verdicts.txt"
