@@ -192,8 +192,9 @@ def test_the_plugin_builder_attaches_them_and_the_seam_refuses_other_builders(
             hybrid_config_from_args(args).get_builder_cls()(
                 hybrid_config_from_args(args)).build_model(
                 ProcessGroupCollection.use_mpu_process_groups())
-        setattr(args, BUILDER_MARK, True)  # what the plugin's launcher does
-        config = with_plugin_builder(hybrid_config_from_args(args), recipe.model.ngram_hash)
+        config = with_plugin_builder(hybrid_config_from_args(args), recipe.model.ngram_hash,
+                                     args)  # what the plugin's launcher does
+        assert getattr(args, BUILDER_MARK)
         model = config.get_builder_cls()(config).build_model(
             ProcessGroupCollection.use_mpu_process_groups())
     assert isinstance(model.embedding.ngram_hash, NgramHashEmbedding)

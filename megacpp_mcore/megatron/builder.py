@@ -17,6 +17,7 @@ from typing import ClassVar
 from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
 
 from megacpp_mcore.layers.ngram_hash import attach_ngram_hash
+from megacpp_mcore.megatron.spec_seam import BUILDER_MARK
 from megacpp_mcore.settings.config import NgramHashConfig
 
 
@@ -37,11 +38,13 @@ class MegacppHybridModelBuilder(HybridModelBuilder):
         return model
 
 
-def with_plugin_builder(config: HybridModelConfig,
-                        ngram_hash: NgramHashConfig) -> HybridModelConfig:
+def with_plugin_builder(config: HybridModelConfig, ngram_hash: NgramHashConfig,
+                        args) -> HybridModelConfig:
     """``config`` unchanged where nothing needs the plugin's builder, else the same values
-    in :class:`MegacppHybridModelConfig`."""
+    in :class:`MegacppHybridModelConfig`, and Megatron's ``args`` marked so the --spec seam
+    (run when the model is built) knows this builder attaches the embedding extension."""
     if not ngram_hash.enabled:
         return config
+    setattr(args, BUILDER_MARK, True)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     return MegacppHybridModelConfig(**values, ngram_hash=ngram_hash)

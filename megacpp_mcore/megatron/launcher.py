@@ -54,7 +54,6 @@ from megacpp_mcore.megatron.args import (
     stp_config_from_args,
 )
 from megacpp_mcore.megatron.builder import with_plugin_builder
-from megacpp_mcore.megatron.spec_seam import BUILDER_MARK
 from megacpp_mcore.receipt import Receipt, Terminated, load_receipt, sigterm_raises
 from megacpp_mcore.train.hooks import HookContext, HookList
 from megacpp_mcore.train.meter import IntervalMeter, moe_aux_losses, mtp_losses
@@ -472,10 +471,8 @@ def main() -> int:
     deviation = dsa_rotation_for_this_machine(args)
     if deviation:
         print(f"megacpp: {deviation}", file=sys.stderr, flush=True)
-    ngram_hash = section_from_args("model.ngram_hash", args)
-    if ngram_hash.enabled:  # before the stack spec is resolved: the seam checks the mark
-        setattr(args, BUILDER_MARK, True)
-    model_config = with_plugin_builder(hybrid_config_from_args(args), ngram_hash)
+    model_config = with_plugin_builder(hybrid_config_from_args(args),
+                                       section_from_args("model.ngram_hash", args), args)
     config = pretrain_cfg_container_from_args(args, model_config)
 
     TRACKER = RunTracker(args, hooks_from_args(args))

@@ -59,9 +59,9 @@ def _megatron_args():
                         "model, plan)") from err
 
 
-#: attribute the plugin's launcher sets on Megatron's args when its own model builder (which
-#: attaches the embedding extension) builds the model; without it the seam refuses the
-#: extension, which another builder would drop
+#: attribute ``megatron.builder.with_plugin_builder`` sets on Megatron's args when the
+#: plugin's model builder (which attaches the embedding extension) builds the model; without
+#: it the seam refuses the extension, which another builder would drop
 BUILDER_MARK = "megacpp_plugin_builder"
 
 
