@@ -91,6 +91,22 @@ class BackendPlan:
         }
 
 
+#: what each expert kernel is, for the record
+EXPERT_KERNELS = {
+    "te": "Transformer Engine GroupedLinear (one cuBLAS GEMM per expert)",
+    "torch": "torch grouped GEMM (one kernel per projection, device group offsets)",
+    "sequential": "SequentialMLP (one GEMM pair per expert)",
+}
+
+
+def experts_kernel(built: str, grouped_gemm: bool, expert_gemm: str) -> str:
+    """The E experts' kernel for a backend: ``te``, ``torch`` or ``sequential`` (the local
+    backend, or grouped_gemm off). ``expert_gemm`` picks between the two grouped kernels."""
+    if built != "te" or not grouped_gemm:
+        return "sequential"
+    return "torch" if expert_gemm == "torch" else "te"
+
+
 def dsa_rotation(asked: bool) -> tuple[bool, str]:
     """Whether DSA's indexer can rotate (Hadamard) here, and what to record.
 
@@ -116,6 +132,8 @@ def resolve_backend(
     attention_variants: frozenset[str] | set[str] = frozenset(),
     dsa_rotate: bool = True,
     r_form: str | None = None,
+    expert_gemm: str = "te",
+    grouped_gemm: bool = True,
 ) -> BackendPlan:
     """Decide, once, how every family of ``layout`` is built on this machine.
 
@@ -126,7 +144,8 @@ def resolve_backend(
     for run the reference scan, and the record says why.
     ``attention_variants`` (gqa, mla, dsa) are recorded as A's path; ``dsa_rotate`` is what
     the settings ask of the DSA indexer (see :func:`dsa_rotation`); ``r_form`` describes the
-    R layer's form for the record.
+    R layer's form for the record; ``expert_gemm`` and ``grouped_gemm`` (model.moe) say which
+    expert kernel E asks for (see :func:`experts_kernel`).
     """
     if requested not in BACKENDS:
         raise SpecError(f"backend {requested!r} is not known; accepted: {', '.join(BACKENDS)}")
@@ -207,6 +226,11 @@ def resolve_backend(
                 reason = f"{why}; allgather token dispatcher (alltoall needs CUDA streams)"
             else:
                 reason = f"{why}; {moe_dispatcher} token dispatcher"
+            reason += "; experts: " + EXPERT_KERNELS[experts_kernel(built, grouped_gemm,
+                                                                    expert_gemm)]
+            if expert_gemm == "torch" and experts_kernel(built, grouped_gemm,
+                                                         expert_gemm) != "torch":
+                reason += " (expert_gemm torch applies to backend te with grouped_gemm)"
         elif letter == "G" and not (cuda and have_module("fla")):
             missing = "a CUDA GPU" if not cuda else "flash-linear-attention"
             raise SpecError(

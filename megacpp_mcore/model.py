@@ -158,6 +158,21 @@ def built_stages(layout: Layout, pipeline: int) -> Layout:
     return layout
 
 
+def model_backend(requested: str, layout: Layout, model: ModelConfig,
+                  dsa_rotate: bool | None = None) -> BackendPlan:
+    """The backend plan for ``model``'s settings on this machine (``resolve_backend`` fed
+    from the recipe: dispatcher, R head sizes, M variant, A variants, DSA rotation, R form,
+    expert kernel); ``dsa_rotate`` overrides what the recipe asks of DSA's indexer."""
+    return resolve_backend(
+        requested, layout, moe_dispatcher=model.moe.token_dispatcher,
+        r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
+        attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
+        dsa_rotate=(model.attention.dsa.rotate_activation if dsa_rotate is None
+                    else dsa_rotate),
+        r_form=model.recurrent.form() if layout.has("R") else None,
+        expert_gemm=model.moe.expert_gemm, grouped_gemm=model.moe.grouped_gemm)
+
+
 def build_model(
     layout: Layout,
     model: ModelConfig,
@@ -190,12 +205,7 @@ def build_model(
     problem = stage_problem(layout, parallel.pipeline)
     if problem:
         raise SpecError(problem)
-    plan = plan or resolve_backend(
-        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-        r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
-        attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
-        dsa_rotate=model.attention.dsa.rotate_activation,
-        r_form=model.recurrent.form() if layout.has("R") else None)
+    plan = plan or model_backend(backend, layout, model)
     config = transformer_config(layout, model, precision, parallel, plan, overrides)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

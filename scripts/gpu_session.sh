@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh tests train bench
 # Steps: env, tests, gputests (one pytest per file, failure reasons printed), gpu2tests
 # (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
-# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, and any
+# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, experts, and any
 # comma-separated list of test ids under tests/gpu (test_x.py::name,test_y.py), run as one step. Needs the staged wheels on PYTHONPATH.
 # Logs and receipts go to $LOGDIR and are packed into $OUT/$TAG.tgz at the end (the device
 # tool returns at most 8 files), so two sessions can run side by side on two GPUs
@@ -48,13 +48,13 @@ pytest_file() {  # pytest_file SECONDS FILE[::TEST]...: one step per file
 }
 for s in "$@"; do case $s in
   env) step env 120 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, megatron.core as m; print(torch.__version__, triton.__version__, m.__version__, torch.cuda.get_device_name())"; python3 -c "import transformer_engine as te; print(\"te\", te.__version__)"; python3 -c "import mamba_ssm, causal_conv1d; print(\"mamba\", mamba_ssm.__version__)"' ;;
-  gputests) pytest_file 200 test_plasticity_gpu.py test_stp_gpu.py test_checkpoints_gpu.py \
+  gputests) pytest_file 200 test_grouped_experts_gpu.py test_plasticity_gpu.py test_stp_gpu.py test_checkpoints_gpu.py \
               test_gdn_gpu.py test_recipes_gpu.py test_nam56r_gpu.py::test_nam56r_quarter_builds_and_steps \
               test_bench_gpu.py test_model_gpu.py ;;
-  gpu2tests) pytest_file 240 test_tensor_parallel_gpu.py \
+  gpu2tests) pytest_file 240 "test_plasticity_gpu.py::test_two_gpu_layouts_equal_one_gpu" \
               test_checkpoints_gpu.py::test_plugin_checkpoint_moves_tp_1_2_1_on_two_gpus \
               "test_stp_gpu.py::test_hook_equals_explicit_loss_under_tensor_parallel_2" \
-              "test_plasticity_gpu.py::test_two_gpu_layouts_equal_one_gpu" ;;
+              test_tensor_parallel_gpu.py ;;
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
   train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_embedded.json"
          step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$LOGDIR/tiny_mock.json" ;;
@@ -71,6 +71,9 @@ for s in "$@"; do case $s in
         # CUDA graphs and a larger micro-batch, each tuned run against native and plugin
         step tune_rope 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --tuned-config apply_rope_fusion=true --json "$LOGDIR/tune_rope.json"
         step tune_graphs 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --cuda-graphs attn,mamba,moe_router,moe_preprocess --tuned-micro-batch 4 --json "$LOGDIR/tune_graphs.json" ;;
+  experts) # issue 13: the torch grouped-GEMM experts against TE's, in the main runs and the
+        # E family (plugin_tuned = router fusion + expert_gemm torch), with the host split
+        step vsexperts "${BENCH_LIMIT:-420}" python3 -m megacpp_mcore.cli.main bench --quick --families EM --budget-s "$(( ${BENCH_LIMIT:-420} - 90 ))" --tuned-set model.moe.expert_gemm=torch --json "$LOGDIR/bench_experts.json" ;;
   vsnative_r) step vsnative_r 580 python3 -m megacpp_mcore.cli.main bench --quick --pattern AEMEAEMEAEMR --families R --budget-s 400 --json "$LOGDIR/bench_r.json" ;;
   tier_a) step tier_a 520 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 300 tests/gpu/test_model_gpu.py tests/gpu/test_m2rnn_scan_gpu.py tests/gpu/test_recipes_gpu.py tests/gpu/test_plasticity_gpu.py tests/gpu/test_stp_gpu.py tests/gpu/test_checkpoints_gpu.py tests/gpu/test_gdn_gpu.py ;;
   tier_b) step tier_b 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 400 tests/gpu/test_nam56r_gpu.py tests/gpu/test_mamba3_gpu.py ;;

@@ -263,6 +263,8 @@ def test_bad_settings_are_refused(kwargs, message):
     (["bench", "--set", "parallel.expert=2", "--set", "model.moe.num_experts=8"],
      "one process on one GPU"),
     (["bench", "--pattern", "AEM/AE", "--set", "mtp_depths=1"], "'|' or '/'"),
+    (["bench", "--tuned-set", "training.lr=0.5"], "only model.* settings"),
+    (["bench", "--tuned-set", "model.moe.expert_gemm=cublas"], "model.moe.expert_gemm"),
 ])
 def test_bench_command_refuses_bad_input_with_status_2(argv, message, capsys):
     assert main(argv) == 2
@@ -337,3 +339,52 @@ def test_build_model_overrides_reach_megatrons_config(megatron_single_process):
     assert model.config.moe_router_fusion is True and model.config.init_method_std == 0.5
     default = build_model(parse_pattern("AF"), cpu_config(), backend="local", precision=FP32)
     assert default.config.moe_router_fusion is False
+
+
+def test_tuned_sets_build_plugin_tuned_and_its_family_rows(megatron_single_process):
+    """--tuned-set: plugin_tuned (and a plugin_tuned row per family) is built from the tuned
+    model settings; the others keep the recipe's; the report shows the third family column."""
+    from dataclasses import replace
+
+    from megacpp_mcore.train.bench import render, run_bench
+
+    base = cpu_config(seq_length=16)
+    tuned = replace(base, moe=replace(base.moe, expert_gemm="torch"))
+    settings = BenchSettings(rounds=1, warmup=0, steps=1, families="E", family_depth=1,
+                             family_rounds=1, runs=("plugin", "plugin_tuned"),
+                             router_fusion=False, profile_steps=0, backend="local",
+                             tuned_sets=("model.moe.expert_gemm=torch",))
+    bench = Bench(parse_pattern("AE"), base, FP32, 1, settings, log=lambda _: None,
+                  device="cpu", tuned_model=tuned)
+    specs = {s.name: s for s in bench.main_specs()}
+    assert specs["plugin_tuned"].model is tuned and specs["plugin"].model is None
+    report = run_bench(parse_pattern("AE"), base, FP32, 1, settings, log=lambda _: None,
+                       device="cpu", tuned_model=tuned)
+    assert report["errors"] == []
+    assert [r["name"] for r in report["families"]["E"]] == ["E native", "E plugin",
+                                                            "E plugin_tuned"]
+    assert all(c["passed"] for c in report["loss_checks"])
+    assert "plugin_tuned/native" in render(report)
+    assert Bench(parse_pattern("AE"), base, FP32, 1, settings, device="cpu",
+                 tuned_model=base).tuned_model is None  # nothing tuned: no extra rows
+
+
+def test_host_split_times_forward_per_family_backward_and_optimizer(megatron_single_process):
+    from megacpp_mcore.train.bench import StepRunner
+    from megacpp_mcore.train.bench_report import format_host_split
+
+    layout = parse_pattern("AEMF")
+    model = build_model(layout, cpu_config(seq_length=16), backend="local", precision=FP32)
+    runner = StepRunner("plugin", model, 1, 16, 64, 0, 1.0, letters=layout.canonical)
+    runner.host_split(2)
+    split = runner.result.host_split
+    assert set(split["forward_by_family"]) == set("AEMF")
+    assert all(v > 0 for v in split["forward_by_family"].values())
+    assert sum(split["forward_by_family"].values()) <= split["forward"]
+    assert split["backward"] > 0 and split["optimizer"] > 0
+    assert not model.decoder.layers[0]._forward_hooks  # the hooks are gone afterwards
+    runner.result.host_ops = [{"op": "aten::mm", "self_ms": 1.5, "calls": 12.0}]
+    text = format_host_split([{"name": "plugin", "host_split": split,
+                               "host_ops": runner.result.host_ops}])
+    assert text.splitlines()[0].split()[:3] == ["host", "ms/step", "forward"]
+    assert "aten::mm 1.5 (12x)" in text

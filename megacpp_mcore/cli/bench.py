@@ -51,6 +51,7 @@ def settings_from_args(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         tuned_micro_batch=args.tuned_micro_batch,
         tuned_config=tuned,
+        tuned_sets=tuple(args.tuned_set),
         loss_tol=args.loss_tol,
         token_loss_tol=args.token_loss_tol,
         peak_tflops=args.peak_tflops,
@@ -72,6 +73,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         sets.append(f"depth={args.depth}")
     recipe = load_recipe(args.recipe, sets)
     settings = settings_from_args(args)
+    tuned_model = None
+    if args.tuned_set:
+        tuned = load_recipe(args.recipe, [*sets, *args.tuned_set])
+        if tuned.layout != recipe.layout or tuned.precision != recipe.precision or \
+                tuned.training != recipe.training or tuned.parallel != recipe.parallel:
+            raise BenchError("--tuned-set: only model.* settings may differ between the "
+                             f"plugin_tuned run and the others; got {args.tuned_set}")
+        tuned_model = tuned.model
     parallel = recipe.parallel
     if (parallel.tensor, parallel.pipeline, parallel.expert, parallel.context) != (1, 1, 1, 1):
         raise BenchError(f"{recipe.where}: megacpp bench runs one process on one GPU; the "
@@ -91,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     init_process_groups(seed=settings.seed)
     try:
         report = run_bench(recipe.layout, recipe.model, recipe.precision,
-                           recipe.training.micro_batch_size, settings)
+                           recipe.training.micro_batch_size, settings, tuned_model=tuned_model)
     finally:
         destroy_process_groups()
     from megacpp_mcore.receipt.writer import collect_versions
@@ -148,6 +157,10 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tuned-micro-batch", type=int, help="micro-batch of the tuned runs")
     p.add_argument("--tuned-config", action="append", default=[], metavar="FIELD=VALUE",
                    help="a further TransformerConfig field for the tuned runs (repeatable)")
+    p.add_argument("--tuned-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe setting of plugin_tuned only (repeatable; the plugin's own "
+                   "model.* settings native cannot take, e.g. model.moe.expert_gemm=torch); "
+                   "with it, every family row also times plugin_tuned")
     p.add_argument("--loss-tol", type=float, default=0.02,
                    help="largest |mean loss difference| from native, nats (default 0.02)")
     p.add_argument("--token-loss-tol", type=float, default=0.1,

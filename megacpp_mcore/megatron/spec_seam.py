@@ -11,11 +11,10 @@ from typing import Any
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
-from megacpp_mcore.model import r_head_dims, stage_problem
-from megacpp_mcore.settings.attention import a_variants, mtp_variant, used_variants
+from megacpp_mcore.model import model_backend, stage_problem
+from megacpp_mcore.settings.attention import a_variants, mtp_variant
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -101,14 +100,10 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
     # --megacpp-backend is what the recipe asked for (auto may resolve to local on a machine
     # without TE); without it, --transformer-impl is taken literally.
     backend = getattr(args, "megacpp_backend", None) or impl
-    plan = resolve_backend(
-        backend, layout, moe_dispatcher=model.moe.token_dispatcher,
-        r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
-        attention_variants=used_variants(layout, attention) if layout.has("A") else set(),
-        # the launcher turns the rotation off where it cannot run and keeps what was asked
-        dsa_rotate=attention.dsa.rotate_activation
-        or bool(getattr(args, "megacpp_dsa_rotation_asked", False)),
-        r_form=model.recurrent.form() if layout.has("R") else None)
+    # the launcher turns the rotation off where it cannot run and keeps what was asked
+    plan = model_backend(backend, layout, model,
+                         dsa_rotate=attention.dsa.rotate_activation
+                         or bool(getattr(args, "megacpp_dsa_rotation_asked", False)))
     return build_stack_spec(layout, model, plan)
 
 

@@ -117,6 +117,11 @@ class MoEConfig(_Checked):
             for the parameters' dtype.
         permute_fusion: fuse the token permutation kernels (Megatron's --moe-permute-fusion;
             needs Transformer Engine).
+        expert_gemm: the kernel of the grouped experts (backend te, grouped_gemm): te
+            (Transformer Engine's GroupedLinear, one cuBLAS GEMM per expert, as stock
+            Megatron) or torch (one torch grouped GEMM per projection, group boundaries on
+            the GPU: no host work per new token split; bf16, Hopper+). Same parameters and
+            checkpoints; layers/grouped_experts.py.
     """
 
     PREFIX: ClassVar[str] = "model.moe"
@@ -132,6 +137,7 @@ class MoEConfig(_Checked):
     token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
     router_dtype: Literal["fp32", "fp64"] | None = None
     permute_fusion: bool = False
+    expert_gemm: Literal["te", "torch"] = "te"
 
 
 @dataclass(frozen=True)

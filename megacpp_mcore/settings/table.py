@@ -548,6 +548,9 @@ SETTINGS: tuple[Setting, ...] = (
             config={"moe_router_dtype": _same}),
     Setting("model.moe.permute_fusion", "--moe-permute-fusion", kind="switch", families="E",
             config={"moe_permute_fusion": _same}),
+    Setting("model.moe.expert_gemm", "--megacpp-moe-expert-gemm", families="E", stock="te",
+            reason="the plugin's expert kernel (layers/grouped_experts.py); stock Megatron "
+                   "runs TE's GroupedLinear"),
     # ---- M: Mamba-2
     Setting("model.mamba.state_dim", "--mamba-state-dim", families="M",
             config={"mamba_state_dim": _same}),

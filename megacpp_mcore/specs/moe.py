@@ -2,10 +2,16 @@
 shared expert), in a ``MoETransformerLayer`` (norm + MoE + residual).
 
 ``te``: TE norm, and TE grouped-GEMM experts when ``grouped_gemm`` (as stock Megatron's hybrid
-spec) else TE linears one expert at a time. ``local``: a torch norm and Megatron's
-``SequentialMLP`` experts (one GEMM pair per expert; what runs on CPU). The token dispatcher
-(alltoall / allgather) is a TransformerConfig setting, not part of the spec.
+spec) else TE linears one expert at a time; ``expert_gemm: torch`` keeps Megatron's
+``TEGroupedMLP`` and its parameters but runs each projection as one torch grouped GEMM
+(``layers.grouped_experts``). ``local``: a torch norm and Megatron's ``SequentialMLP`` experts
+(one GEMM pair per expert; what runs on CPU). The token dispatcher (alltoall / allgather) is
+a TransformerConfig setting, not part of the spec. ``backend.experts_kernel`` decides which
+experts are built, and the backend record says so.
 """
+
+import dataclasses
+from functools import partial
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -15,24 +21,41 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megacpp_mcore.backend import experts_kernel
+from megacpp_mcore.layers.grouped_experts import torch_grouped_linears
 from megacpp_mcore.layers.norm import LocalNorm
+from megacpp_mcore.settings.config import MoEConfig
 
 
-def moe_layer_spec(backend: str, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
+def moe_layer_spec(backend: str, moe: MoEConfig) -> ModuleSpec:
+    kernel = experts_kernel(backend, moe.grouped_gemm, moe.expert_gemm)
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         norm = TENorm
     else:
         norm = LocalNorm
-        grouped_gemm = False  # Megatron's local provider has only SequentialMLP experts
+    mlp = get_moe_module_spec(use_te=backend == "te", num_experts=moe.num_experts,
+                              moe_grouped_gemm=kernel != "sequential")
+    if kernel == "torch":
+        mlp = _with_torch_grouped_experts(mlp)
     return ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            mlp=get_moe_module_spec(
-                use_te=backend == "te", num_experts=num_experts, moe_grouped_gemm=grouped_gemm
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
+            pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add),
     )
+
+
+def _with_torch_grouped_experts(moe_builder: partial) -> partial:
+    """Megatron's MoE builder with its TEGroupedMLP's fc1/fc2 swapped for the torch
+    grouped-GEMM linears (everything else, parameters included, as Megatron builds it)."""
+    submodules = moe_builder.keywords["submodules"]
+    experts = submodules.experts
+    column, row = torch_grouped_linears()
+    expert_submodules = dataclasses.replace(experts.keywords["submodules"],
+                                            linear_fc1=column, linear_fc2=row)
+    experts = partial(experts.func, *experts.args,
+                      **{**experts.keywords, "submodules": expert_submodules})
+    return partial(moe_builder.func, *moe_builder.args,
+                   **{**moe_builder.keywords,
+                      "submodules": dataclasses.replace(submodules, experts=experts)})

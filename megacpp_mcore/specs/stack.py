@@ -184,7 +184,7 @@ def build_stack_submodules(layout: Layout, model: ModelConfig,
         for variant in used_variants(layout, model.attention):
             setattr(sub, VARIANT_SLOTS[variant], attention_layer_spec(backend, variant))
     if layout.has("E"):
-        sub.moe_layer = moe_layer_spec(backend, model.moe.num_experts, model.moe.grouped_gemm)
+        sub.moe_layer = moe_layer_spec(backend, model.moe)
     if layout.has("M"):
         sub.mamba_layer = mamba_layer_spec(backend, plan.path("M"), model.mamba)
     if layout.has("F"):

@@ -10,7 +10,9 @@ Runs (each a model held for the whole benchmark, with its own fused torch AdamW)
 * ``native_tuned``: native plus every stock ``TransformerConfig`` setting in which the
   plugin's config differs from native's (listed in the report as ``config_diff``) plus the
   bench's tuned settings (router fusion, CUDA graphs, micro-batch, ``--tuned-config``).
-* ``plugin_tuned``: the plugin plus the same tuned settings.
+* ``plugin_tuned``: the plugin plus the same tuned settings, and the plugin's own recipe
+  settings given with ``--tuned-set`` (e.g. ``model.moe.expert_gemm=torch``), which native
+  cannot take; with them, every family row also times ``plugin_tuned``.
 
 Every model gets the native model's weights (a name mapping; see :func:`map_weights`), and
 the per-token losses of one batch must agree within bf16 tolerance before anything is timed:
@@ -48,6 +50,7 @@ from megacpp_mcore.train.bench_report import (
     RunResult,
     Spread,
     format_families,
+    format_host_split,
     format_ratio,
     format_table,
     ratio_spread,
@@ -88,6 +91,8 @@ class BenchSettings:
             ``cuda_graph_modules`` (comma-separated, e.g. ``attn,mamba,moe_router``; '' none).
         tuned_micro_batch: micro-batch of the tuned runs (None: the recipe's).
         tuned_config: further stock TransformerConfig fields for the tuned runs.
+        tuned_sets: recipe settings (``KEY=VALUE``) of plugin_tuned (the plugin's own,
+            which native cannot take); the CLI loads them into the tuned model config.
         loss_tol: largest |mean loss difference| (nats) to any run from native.
         token_loss_tol: largest mean |per-token loss difference| (nats) from native.
         profile_steps: steps of the torch.profiler pass for GPU busy time (0: none).
@@ -109,6 +114,7 @@ class BenchSettings:
     cuda_graphs: str = ""
     tuned_micro_batch: int | None = None
     tuned_config: Mapping[str, Any] = field(default_factory=dict)
+    tuned_sets: tuple[str, ...] = ()
     loss_tol: float = 0.02
     token_loss_tol: float = 0.1
     profile_steps: int = 3
@@ -366,8 +372,9 @@ class StepRunner:
     """One run: a model, its optimizer, its micro-batch and its fresh random tokens."""
 
     def __init__(self, name: str, model: torch.nn.Module, micro_batch: int, seq: int,
-                 vocab: int, seed: int, flops_per_token: float):
+                 vocab: int, seed: int, flops_per_token: float, letters: str = ""):
         self.name, self.model, self.micro_batch = name, model, micro_batch
+        self.letters = letters  # the block letter of each decoder layer, in order
         self.seq, self.vocab = seq, vocab
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
@@ -467,6 +474,56 @@ class StepRunner:
                        and e.name.startswith(("cudaLaunch", "cuLaunch")))
         self.result.busy_ms = union_length(device) / 1e3 / steps
         self.result.launches_per_step = launches / steps
+        host_ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+        host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        self.result.host_ops = [
+            {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps,
+             "calls": e.count / steps} for e in host_ops[:HOST_OPS]]
+
+    def host_split(self, steps: int) -> None:
+        """Where the host's issue time goes, without a profiler: forward per block family
+        (wall time inside each decoder layer's forward, from module hooks), the whole
+        forward with the loss, backward (``backward()`` returns once the autograd engine
+        has issued every kernel) and the optimizer step, in ms per step."""
+        from collections import defaultdict
+
+        layers = list(self.model.decoder.layers)
+        family: dict[str, float] = defaultdict(float)
+        opened: dict[int, float] = {}
+        hooks = []
+        for index, layer in enumerate(layers):
+            letter = self.letters[index] if index < len(self.letters) else "?"
+            hooks.append(layer.register_forward_pre_hook(
+                lambda *_, i=index: opened.__setitem__(i, time.perf_counter())))
+            hooks.append(layer.register_forward_hook(
+                lambda *_, i=index, x=letter: family.__setitem__(
+                    x, family[x] + time.perf_counter() - opened[i])))
+        split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        try:
+            for tokens, labels in [self.batch() for _ in range(steps)]:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                loss = self.model(tokens, self.positions, None, labels=labels).float().mean()
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                split["forward"] += t1 - t0
+                split["backward"] += t2 - t1
+                split["optimizer"] += t3 - t2
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.result.host_split = {
+            **{k: v * 1e3 / steps for k, v in split.items()},
+            "forward_by_family": {k: v * 1e3 / steps for k, v in sorted(family.items())}}
+
+
+#: host ops (by self CPU time) each run's report lists
+HOST_OPS = 12
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -481,6 +538,7 @@ class Spec:
     native: bool
     overrides: dict[str, Any]
     micro_batch: int
+    model: ModelConfig | None = None  # None: the recipe's
 
 
 def tuned_overrides(settings: BenchSettings, layout: Layout) -> dict[str, Any]:
@@ -509,8 +567,9 @@ class Bench:
 
     def __init__(self, layout: Layout, model: ModelConfig, precision: PrecisionConfig,
                  micro_batch: int, settings: BenchSettings, log: Log = print,
-                 device: str = "cuda"):
+                 device: str = "cuda", tuned_model: ModelConfig | None = None):
         self.layout, self.model, self.precision = layout, model, precision
+        self.tuned_model = tuned_model if tuned_model != model else None
         self.micro_batch, self.settings, self.log = micro_batch, settings, log
         self.device = torch.device(device)
         self.vocab = padded_vocab_size(model.vocab_size, 1)
@@ -533,7 +592,7 @@ class Bench:
             model = build_native(spec.layout, self.model, self.precision,
                                  overrides=spec.overrides)
             return model.cuda()
-        return build_model(spec.layout, self.model, backend=self.settings.backend,
+        return build_model(spec.layout, spec.model or self.model, backend=self.settings.backend,
                            precision=self.precision, overrides=spec.overrides).cuda()
 
     def _build_on_cpu(self, spec: Spec) -> torch.nn.Module:
@@ -545,7 +604,7 @@ class Bench:
         from megacpp_mcore.specs.stack import build_stack_spec
 
         if not spec.native:
-            return build_model(spec.layout, self.model, backend="local",
+            return build_model(spec.layout, spec.model or self.model, backend="local",
                                precision=self.precision, overrides=spec.overrides)
         plan = resolve_backend("local", spec.layout, moe_dispatcher=self.model.moe.token_dispatcher)
         model = build_native(spec.layout, self.model, self.precision,
@@ -556,7 +615,8 @@ class Bench:
     def runner(self, spec: Spec, model: torch.nn.Module) -> StepRunner:
         flops = model_flops_per_token(spec.layout, self.model, vocab_size=self.vocab)
         return StepRunner(spec.name, model, spec.micro_batch, self.model.seq_length,
-                          self.model.vocab_size, self.settings.seed, flops)
+                          self.model.vocab_size, self.settings.seed, flops,
+                          letters=spec.layout.canonical)
 
     def check_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device=self.device).manual_seed(self.settings.seed + 1)
@@ -622,6 +682,7 @@ class Bench:
             if s.profile_steps and runner.cuda and not runner.result.error:
                 try:
                     runner.profile_busy(s.profile_steps)
+                    runner.host_split(s.profile_steps)
                 except Exception as err:
                     self.fail(f"{runner.name} (profile)", err)
 
@@ -643,7 +704,8 @@ class Bench:
             "plugin": Spec("plugin", layout, False, {}, self.micro_batch),
             "native_tuned": Spec("native_tuned", layout, True,
                                  {**{k: v["value"] for k, v in diff.items()}, **tuned}, tuned_mb),
-            "plugin_tuned": Spec("plugin_tuned", layout, False, dict(tuned), tuned_mb),
+            "plugin_tuned": Spec("plugin_tuned", layout, False, dict(tuned), tuned_mb,
+                                 self.tuned_model),
         }
         wanted = list(s.runs)
         if "native" not in wanted:  # the weight donor of every other run
@@ -652,11 +714,9 @@ class Bench:
 
     def plugin_config_diff(self) -> dict:
         """Stock settings the plugin's TransformerConfig sets differently from native's."""
-        from megacpp_mcore.backend import resolve_backend
-        from megacpp_mcore.model import current_parallel, transformer_config
+        from megacpp_mcore.model import current_parallel, model_backend, transformer_config
 
-        plan = resolve_backend(self.settings.backend, self.layout,
-                               moe_dispatcher=self.model.moe.token_dispatcher)
+        plan = model_backend(self.settings.backend, self.layout, self.model)
         plugin = transformer_config(self.layout, self.model, self.precision, current_parallel(),
                                     plan)
         native = native_config(self.layout, self.model, self.precision)
@@ -677,6 +737,9 @@ class Bench:
                 continue
             layout = parse_pattern(letter * s.family_depth)
             specs = [Spec(f"{letter} plugin", layout, False, {}, self.micro_batch)]
+            if self.tuned_model is not None:
+                specs.append(Spec(f"{letter} plugin_tuned", layout, False, {}, self.micro_batch,
+                                  self.tuned_model))
             if letter != "R":
                 specs.insert(0, Spec(f"{letter} native", layout, True, {}, self.micro_batch))
             runners = self.build_group(specs, check=False)
@@ -729,9 +792,11 @@ TARGETS: dict[str, tuple[float, bool]] = {
 
 
 def run_bench(layout: Layout, model: ModelConfig, precision: PrecisionConfig, micro_batch: int,
-              settings: BenchSettings, log: Log = print, device: str = "cuda"
-              ) -> dict[str, Any]:
+              settings: BenchSettings, log: Log = print, device: str = "cuda",
+              tuned_model: ModelConfig | None = None) -> dict[str, Any]:
     """Build, check and time everything; the report (plain JSON-ready data).
+
+    ``tuned_model``: the model settings of plugin_tuned (the recipe with ``--tuned-set``).
 
     ``device="cpu"`` runs the whole session on CPU with local modules: only the tests do
     that, to exercise the session end to end; its timings mean nothing.
@@ -745,7 +810,7 @@ def run_bench(layout: Layout, model: ModelConfig, precision: PrecisionConfig, mi
     started = time.time()
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak_tflops(card, settings.peak_tflops)
-    bench = Bench(layout, model, precision, micro_batch, settings, log, device)
+    bench = Bench(layout, model, precision, micro_batch, settings, log, device, tuned_model)
     main = bench.run_main()
     families = bench.run_families()
     spreads = {**ratios(main), **r_costs(main)}
@@ -785,6 +850,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append(format_ratio(label, spread, data.get("target"), data.get("at_most", False)))
     if report["families"]:
         lines += ["", format_families(report["families"], s["family_depth"])]
+    host = format_host_split(report["runs"])
+    if host:
+        lines += ["", host]
     if report.get("config_diff"):
         diff = ", ".join(f"{k}={v['value']} (native {v['reference']})"
                          for k, v in report["config_diff"].items())

@@ -67,6 +67,10 @@ class RunResult:
     peak_bytes: int = 0
     busy_ms: float | None = None
     launches_per_step: float | None = None
+    #: top host ops by self CPU time per step (profiler pass): op, self_ms, calls
+    host_ops: list[dict] | None = None
+    #: host issue time per step: forward (and per family), backward, optimizer (ms)
+    host_split: dict | None = None
     error: str | None = None
 
     def round_tokens_per_s(self) -> list[float]:
@@ -91,6 +95,8 @@ class RunResult:
             "span_ms": median(m["span_ms"] for m in per_round),
             "busy_ms": self.busy_ms,
             "launches_per_step": self.launches_per_step,
+            "host_ops": self.host_ops,
+            "host_split": self.host_split,
             "peak_gib": self.peak_bytes / 2**30,
             "tokens_per_step": self.tokens_per_step,
             "flops_per_token": self.flops_per_token,
@@ -200,21 +206,58 @@ def union_length(intervals: Iterable[tuple[float, float]]) -> float:
 
 def format_families(families: dict[str, list[dict]], depth: int) -> str:
     """Per-family rows: median step ms of a ``depth``-layer model of one letter (embedding
-    and logits included, the same in both), native and plugin, and the per-round
-    plugin/native tok/s ratio (median [min, max])."""
-    lines = [f"{'family':<8}{'native ms':>10}{'plugin ms':>10}  plugin/native tok/s "
-             "(median [min, max] over rounds)"]
+    and logits included, the same in both), native and plugin (and the plugin with the
+    bench's ``--tuned-set`` recipe settings, where given), and the per-round tok/s ratios
+    over native (median [min, max])."""
+    tuned = any(row["name"].endswith("plugin_tuned") for rows in families.values()
+                for row in rows)
+    head = f"{'family':<8}{'native ms':>10}{'plugin ms':>10}"
+    head += f"{'tuned ms':>10}" if tuned else ""
+    lines = [head + "  plugin/native" + ("; plugin_tuned/native" if tuned else "")
+             + " tok/s (median [min, max] over rounds)"]
     for letter, rows in families.items():
         by = {row["name"].split()[-1]: row for row in rows}
-        native, plugin = by.get("native", {}), by.get("plugin", {})
-        ratio = "-"
-        n_rounds, p_rounds = native.get("round_tokens_per_s"), plugin.get("round_tokens_per_s")
-        if n_rounds and p_rounds and len(n_rounds) == len(p_rounds):
-            s = ratio_spread(p_rounds, n_rounds)
-            ratio = f"{s.median:.3f} [{s.low:.3f}, {s.high:.3f}]"
+        native = by.get("native", {})
+        names = ("plugin", "plugin_tuned") if tuned else ("plugin",)
+        ratios = []
+        for name in names:
+            n_rounds = native.get("round_tokens_per_s")
+            p_rounds = by.get(name, {}).get("round_tokens_per_s")
+            ratio = "-"
+            if n_rounds and p_rounds and len(n_rounds) == len(p_rounds):
+                s = ratio_spread(p_rounds, n_rounds)
+                ratio = f"{s.median:.3f} [{s.low:.3f}, {s.high:.3f}]"
+            ratios.append(ratio)
         errors = "; ".join(r["error"] for r in rows if r.get("error"))
-        lines.append(f"{letter:<8}{_fmt(native.get('step_ms'), '.1f'):>10}"
-                     f"{_fmt(plugin.get('step_ms'), '.1f'):>10}  {ratio}"
+        cells = "".join(f"{_fmt(by.get(n, {}).get('step_ms'), '.1f'):>10}"
+                        for n in ("native", *names))
+        lines.append(f"{letter:<8}{cells}  {'; '.join(ratios)}"
                      + (f"  errors: {errors}" if errors else ""))
     lines.append(f"(each row: a {depth}-layer model of that letter)")
+    return "\n".join(lines)
+
+
+def format_host_split(rows: Sequence[dict]) -> str:
+    """Where each run's host issue time goes (ms per step): forward with the loss, per block
+    family inside it, backward, optimizer; then each run's top host ops by self CPU time."""
+    rows = [r for r in rows if r.get("host_split")]
+    if not rows:
+        return ""
+    letters = sorted({x for r in rows for x in r["host_split"]["forward_by_family"]})
+    head = (f"{'host ms/step':<22}{'forward':>9}" + "".join(f"{'  ' + x:>7}" for x in letters)
+            + f"{'backward':>10}{'optim':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        split = r["host_split"]
+        lines.append(f"{r['name']:<22}{split['forward']:>9.1f}"
+                     + "".join(f"{split['forward_by_family'].get(x, 0.0):>7.1f}"
+                               for x in letters)
+                     + f"{split['backward']:>10.1f}{split['optimizer']:>8.1f}")
+    lines.append("(forward per family: wall time inside that family's layers; the forward "
+                 "also holds embedding, final norm and loss)")
+    for r in rows:
+        if r.get("host_ops"):
+            ops = ", ".join(f"{o['op']} {o['self_ms']:.1f} ({o['calls']:.0f}x)"
+                            for o in r["host_ops"][:8])
+            lines.append(f"top host ops, {r['name']} (self CPU ms/step, calls): {ops}")
     return "\n".join(lines)
