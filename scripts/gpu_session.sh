@@ -71,9 +71,11 @@ for s in "$@"; do case $s in
         # CUDA graphs and a larger micro-batch, each tuned run against native and plugin
         step tune_rope 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --tuned-config apply_rope_fusion=true --json "$LOGDIR/tune_rope.json"
         step tune_graphs 300 python3 -m megacpp_mcore.cli.main bench --quick --families '' --budget-s 240 --cuda-graphs attn,mamba,moe_router,moe_preprocess --tuned-micro-batch 4 --json "$LOGDIR/tune_graphs.json" ;;
-  experts) # issue 13: the torch grouped-GEMM experts against TE's, in the main runs and the
-        # E family (plugin_tuned = router fusion + expert_gemm torch), with the host split
-        step vsexperts "${BENCH_LIMIT:-420}" python3 -m megacpp_mcore.cli.main bench --quick --families EM --budget-s "$(( ${BENCH_LIMIT:-420} - 90 ))" --tuned-set model.moe.expert_gemm=torch --json "$LOGDIR/bench_experts.json" ;;
+  experts) # issue 13: the recipe's defaults (torch grouped-GEMM experts) against native, and
+        # the tuned runs at micro-batch 4 (router fusion), with the host split; E family rows
+        step vsexperts "${BENCH_LIMIT:-420}" python3 -m megacpp_mcore.cli.main bench --quick --families E --tuned-micro-batch 4 --budget-s "$(( ${BENCH_LIMIT:-420} - 120 ))" --json "$LOGDIR/bench_experts.json" ;;
+  dense) # issue 13's dense row: E replaced by a 4096-wide MLP (F), plugin and native
+        step dense 170 python3 -m megacpp_mcore.cli.main bench --quick --pattern AFMFAFMFAFMM --runs native,plugin --families '' --rounds 3 --budget-s 100 --json "$LOGDIR/bench_dense.json" ;;
   vsnative_r) step vsnative_r 580 python3 -m megacpp_mcore.cli.main bench --quick --pattern AEMEAEMEAEMR --families R --budget-s 400 --json "$LOGDIR/bench_r.json" ;;
   tier_a) step tier_a 520 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 300 tests/gpu/test_model_gpu.py tests/gpu/test_m2rnn_scan_gpu.py tests/gpu/test_recipes_gpu.py tests/gpu/test_plasticity_gpu.py tests/gpu/test_stp_gpu.py tests/gpu/test_checkpoints_gpu.py tests/gpu/test_gdn_gpu.py ;;
   tier_b) step tier_b 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rA --timeout 400 tests/gpu/test_nam56r_gpu.py tests/gpu/test_mamba3_gpu.py ;;

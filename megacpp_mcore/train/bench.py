@@ -500,6 +500,8 @@ class StepRunner:
                     x, family[x] + time.perf_counter() - opened[i])))
         split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         try:
+            self.step(*self.batch())  # untimed: the first step after the profiler pass
+            family.clear()
             for tokens, labels in [self.batch() for _ in range(steps)]:
                 if self.cuda:
                     torch.cuda.synchronize()
