@@ -3,9 +3,11 @@
 # (cut to what is left of $DEADLINE seconds, counted from the script's start, so the logs
 # always come back), logging to $LOGDIR/<step>.log and printing a one-line verdict per step.
 #   bash scripts/gpu_session.sh tests train bench
-# Steps: env, tests, gputests (one pytest per file, failure reasons printed), gpu2tests
+# Steps: env, tests, gputests (one pytest per file, failure reasons printed), recipes (one
+# pytest per shipped recipe), gpu2tests
 # (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
-# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, experts, and any
+# ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, experts,
+# dense, and any
 # comma-separated list of test ids under tests/gpu (test_x.py::name,test_y.py), run as one step. Needs the staged wheels on PYTHONPATH.
 # Logs and receipts go to $LOGDIR and are packed into $OUT/$TAG.tgz at the end (the device
 # tool returns at most 8 files), so two sessions can run side by side on two GPUs
@@ -51,10 +53,16 @@ for s in "$@"; do case $s in
   gputests) pytest_file 200 test_grouped_experts_gpu.py test_plasticity_gpu.py test_stp_gpu.py test_checkpoints_gpu.py \
               test_gdn_gpu.py test_recipes_gpu.py test_nam56r_gpu.py::test_nam56r_quarter_builds_and_steps \
               test_bench_gpu.py test_model_gpu.py ;;
-  gpu2tests) pytest_file 240 "test_plasticity_gpu.py::test_two_gpu_layouts_equal_one_gpu" \
+  gpu2tests) export DIST_TEST_DUMP_S=${DIST_TEST_DUMP_S:-200}  # stuck workers print stacks
+        pytest_file 240 "test_plasticity_gpu.py::test_two_gpu_layouts_equal_one_gpu" \
               test_checkpoints_gpu.py::test_plugin_checkpoint_moves_tp_1_2_1_on_two_gpus \
               "test_stp_gpu.py::test_hook_equals_explicit_loss_under_tensor_parallel_2" \
               test_tensor_parallel_gpu.py ;;
+  recipes) # every shipped recipe in its own pytest run (a slow first compile starves none)
+        for name in bench_hybrid nam52 nam56r nam56r_lite nam56r_quarter tiny tiny_gdn; do
+          PYTEST_ADDOPTS="-s ${PYTEST_ADDOPTS:-}" pytest_ids "${RECIPE_LIMIT:-400}" \
+            "test_recipes_gpu.py::test_shipped_recipe_builds_and_steps_on_one_gpu[$name]"
+        done ;;
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
   train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_embedded.json"
          step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$LOGDIR/tiny_mock.json" ;;

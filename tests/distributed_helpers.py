@@ -23,6 +23,11 @@ def _worker(rank, world_size, port, fn, args, out_dir):
     import torch
 
     torch.set_num_threads(1)
+    dump_after = float(os.environ.get("DIST_TEST_DUMP_S", "0"))
+    if dump_after > 0:  # a worker stuck this long prints every thread's stack (GPU sessions)
+        import faulthandler
+
+        faulthandler.dump_traceback_later(dump_after, repeat=True)
     try:
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:  # report the failure to the parent, with its traceback

@@ -85,12 +85,10 @@ def test_expert_gemm_setting_travels_to_the_plugin_and_native_refuses_it():
     assert recipe.model.moe.expert_gemm == "torch"
     flags = translate(recipe, target="plugin").argv()
     assert flags[flags.index("--megacpp-moe-expert-gemm") + 1] == "torch"
-    from megacpp_mcore.errors import TranslateError
 
-    native = ["r_lowering=M", "data.source=mock"]
-    with pytest.raises(TranslateError) as info:
-        translate(load_recipe("tiny", overrides=[*native, "model.moe.expert_gemm=torch"]))
-    assert str(info.value).count("\n  - ") == 1  # the expert kernel is the only problem
-    assert "model.moe.expert_gemm (torch): stock Megatron has no flag" in str(info.value)
-    assert "--megacpp-moe-expert-gemm" not in translate(
-        load_recipe("tiny", overrides=native)).argv()
+    # the native target builds the same model with TE's kernel, and says so
+    plan = translate(load_recipe("tiny", overrides=["r_lowering=M", "data.source=mock",
+                                                    "model.moe.expert_gemm=torch"]))
+    assert "--megacpp-moe-expert-gemm" not in plan.argv()
+    omitted = {o["field"]: o["reason"] for o in plan.to_json()["omitted"]}
+    assert "TE's GroupedLinear" in omitted["model.moe.expert_gemm"]

@@ -548,9 +548,10 @@ SETTINGS: tuple[Setting, ...] = (
             config={"moe_router_dtype": _same}),
     Setting("model.moe.permute_fusion", "--moe-permute-fusion", kind="switch", families="E",
             config={"moe_permute_fusion": _same}),
-    Setting("model.moe.expert_gemm", "--megacpp-moe-expert-gemm", families="E", stock="te",
-            reason="the plugin's expert kernel (layers/grouped_experts.py); stock Megatron "
-                   "runs TE's GroupedLinear"),
+    Setting("model.moe.expert_gemm", "--megacpp-moe-expert-gemm", families="E",
+            reason="the plugin's expert kernel (layers/grouped_experts.py)",
+            native_omits="a kernel choice: stock Megatron runs its grouped experts with TE's "
+                         "GroupedLinear, the same model and parameters"),
     # ---- M: Mamba-2
     Setting("model.mamba.state_dim", "--mamba-state-dim", families="M",
             config={"mamba_state_dim": _same}),
