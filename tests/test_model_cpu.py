@@ -100,3 +100,27 @@ def test_tensor_parallel_2_equals_1(pattern, tmp_path):
     for (tp1, loss1), (tp2, loss2) in run_distributed(_tp_outputs, 2, tmp_path, pattern):
         torch.testing.assert_close(tp2, tp1, rtol=1e-5, atol=1e-5)
         assert abs(loss1 - loss2) < 1e-5
+
+
+def _one_rank_fails_while_the_other_waits(rank, world_size):
+    import torch.distributed as dist
+
+    from megacpp_mcore.distributed import init_process_groups
+
+    init_process_groups(seed=1)
+    if rank == 1:
+        raise ValueError("rank 1 broke before the collective")
+    dist.barrier()  # rank 0 waits here for a rank that will never come
+
+
+def test_a_failing_rank_ends_the_run_instead_of_hanging_the_others(tmp_path):
+    """The failure mode that hung every two-GPU test: one rank raises, the other blocks in a
+    collective. The run must end at once with the failing rank's traceback."""
+    import time
+
+    started = time.time()
+    with pytest.raises(AssertionError) as info:
+        run_distributed(_one_rank_fails_while_the_other_waits, 2, tmp_path)
+    assert "rank 1 failed:" in str(info.value)
+    assert "ValueError: rank 1 broke before the collective" in str(info.value)
+    assert time.time() - started < 120
