@@ -226,10 +226,9 @@ def resolve_backend(
                 reason = f"{why}; allgather token dispatcher (alltoall needs CUDA streams)"
             else:
                 reason = f"{why}; {moe_dispatcher} token dispatcher"
-            reason += "; experts: " + EXPERT_KERNELS[experts_kernel(built, grouped_gemm,
-                                                                    expert_gemm)]
-            if expert_gemm == "torch" and experts_kernel(built, grouped_gemm,
-                                                         expert_gemm) != "torch":
+            kernel = experts_kernel(built, grouped_gemm, expert_gemm)
+            reason += "; experts: " + EXPERT_KERNELS[kernel]
+            if expert_gemm == "torch" and kernel != "torch":
                 reason += " (expert_gemm torch applies to backend te with grouped_gemm)"
         elif letter == "G" and not (cuda and have_module("fla")):
             missing = "a CUDA GPU" if not cuda else "flash-linear-attention"

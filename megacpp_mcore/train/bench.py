@@ -390,11 +390,22 @@ class StepRunner:
                                device=self.device, generator=self.generator)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor,
+             split: dict[str, float] | None = None) -> torch.Tensor:
+        """One training step; ``split`` (if given) accumulates the host seconds spent
+        issuing forward (with the loss), backward and the optimizer step."""
+        t0 = time.perf_counter()
         loss = self.model(tokens, self.positions, None, labels=labels).float().mean()
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if split is not None:
+            t3 = time.perf_counter()
+            split["forward"] += t1 - t0
+            split["backward"] += t2 - t1
+            split["optimizer"] += t3 - t2
         return loss
 
     def timed_step(self) -> tuple[float, float, float, torch.Tensor]:
@@ -505,17 +516,7 @@ class StepRunner:
             for tokens, labels in [self.batch() for _ in range(steps)]:
                 if self.cuda:
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                loss = self.model(tokens, self.positions, None, labels=labels).float().mean()
-                t1 = time.perf_counter()
-                loss.backward()
-                t2 = time.perf_counter()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                t3 = time.perf_counter()
-                split["forward"] += t1 - t0
-                split["backward"] += t2 - t1
-                split["optimizer"] += t3 - t2
+                self.step(tokens, labels, split)
         finally:
             for hook in hooks:
                 hook.remove()
