@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh tests train bench
 # Steps: env, tests, gputests (one pytest per file, failure reasons printed), recipes (one
 # pytest per shipped recipe), gpu2tests
-# (the two-GPU tests), tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
+# (the two-GPU tests), gdntrain, tier_a, tier_b, train, features, resume, quarter, tp2, tp2feat, dp2feat,
 # ep2feat, fsdp2feat, bench, rbench, benchtests, benchfeat, vsnative, vsnative_r, tune, experts,
 # dense, and any
 # comma-separated list of test ids under tests/gpu (test_x.py::name,test_y.py), run as one step. Needs the staged wheels on PYTHONPATH.
@@ -66,6 +66,8 @@ for s in "$@"; do case $s in
   tests) step tests 480 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA ;;
   train) step train_embedded 300 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_embedded.json"
          step train_mock 200 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --set data.source=mock --train-iters 60 --receipt "$LOGDIR/tiny_mock.json" ;;
+  gdntrain) # G through the launcher, its log streamed here (the test's own log is in a tmp dir)
+        step gdn_train 420 python3 -m megacpp_mcore.cli.main train tiny_gdn --device gpu --train-iters 20 --set training.log_interval=5 --receipt "$LOGDIR/tiny_gdn.json" ;;
   resume) rm -rf /tmp/ckpt
           step resume_first 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --exit-interval 100
           step resume_second 240 python3 -m megacpp_mcore.cli.main train "${TINY[@]}" --receipt "$LOGDIR/tiny_resume.json" -- --save /tmp/ckpt --save-interval 100 --load /tmp/ckpt ;;

@@ -172,8 +172,9 @@ class DSAConfig(_Checked):
         indexer_heads: heads of the lightweight indexer that scores past tokens.
         indexer_head_dim: channels per indexer head.
         top_k: past tokens each query attends to.
-        indexer_loss_coeff: weight of the indexer's KL loss against dense attention (0 turns
-            it off).
+        indexer_loss_coeff: weight of the indexer's KL loss against dense attention. 0 turns
+            it off, and then nothing trains the indexer: Megatron detaches its inputs, so its
+            weights get no gradient and keep their initialisation.
         rotate_activation: Hadamard-rotate the indexer's q and k before scoring (Megatron's
             default; needs fast_hadamard_transform on the machine).
     """
