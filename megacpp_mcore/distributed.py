@@ -39,12 +39,22 @@ def init_process_groups(
     """
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
+        lone = "RANK" not in os.environ
+        if lone:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        for attempt in range(3):
+            try:
+                dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+                break
+            except dist.DistNetworkError:
+                # a lone process's free port can be taken by another process between
+                # finding it and listening on it: pick another (a launcher's port is kept)
+                if not lone or attempt == 2:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
