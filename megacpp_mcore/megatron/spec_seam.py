@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import model_backend, stage_problem
-from megacpp_mcore.settings.attention import a_variants, mtp_variant
+from megacpp_mcore.settings.attention import a_variants, mtp_variant, used_variants
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
@@ -93,6 +93,15 @@ def stack_spec_from_megatron_args(args=None) -> ModuleSpec:
                             one_rank_builds_all=False)
     if problem:
         raise SpecError(problem)
+    if ("dsa" in used_variants(layout, attention) and attention.dsa.indexer_loss_coeff == 0
+            and getattr(args, "overlap_grad_reduce", False)):
+        raise SpecError(
+            "--overlap-grad-reduce with DSA and --dsa-indexer-loss-coeff 0 "
+            "(model.attention.dsa.indexer_loss_coeff): without its loss nothing trains the "
+            "DSA indexer (Megatron detaches its inputs), so its parameters never get a "
+            "gradient, and Megatron's DDP with --overlap-grad-reduce asserts after the first "
+            "iteration that every parameter of a bucket did. Give the indexer a loss "
+            "(a positive coefficient) or drop --overlap-grad-reduce")
     impl = {"transformer_engine": "te", "local": "local"}.get(args.transformer_impl)
     if impl is None:
         raise SpecError(f"--transformer-impl {args.transformer_impl!r}: the plugin stack builds "
