@@ -103,6 +103,13 @@ def _fused_parts(model, name, size):
     return None
 
 
+# Transformer Engine runs fp32 GEMMs in TF32 whatever torch's flags say (cublaslt_gemm.cu:
+# "Use TF32 only for pure FP32 GEMM"); TP=2 splits their sums differently, so its TP1/TP2
+# drift is TF32 rounding (9e-5 measured on an H200), the local modules' fp32 (1e-6). A wrong
+# split or a lost all-reduce is off by far more than either.
+TOLERANCE = {"local": 1e-4, "te": 5e-4}
+
+
 @pytest.mark.parametrize("backend", ["local", "te"])
 def test_tp2_sequence_parallel_equals_tp1(backend, tmp_path):
     if torch.cuda.device_count() < 2:
@@ -111,7 +118,7 @@ def test_tp2_sequence_parallel_equals_tp1(backend, tmp_path):
     for tp1, tp2 in run_distributed(_tp_logits, 2, tmp_path, "AMFRA", backend):
         error = ((tp2 - tp1).norm() / tp1.norm()).item()
         print(backend, "TP2+SP vs TP1 logits rel err", error)
-        assert error < 1e-4
+        assert error < TOLERANCE[backend]
 
 
 def test_tp2_sequence_parallel_equals_tp1_with_ngram_hash(tmp_path):
@@ -120,4 +127,4 @@ def test_tp2_sequence_parallel_equals_tp1_with_ngram_hash(tmp_path):
     for tp1, tp2 in run_distributed(_tp_logits, 2, tmp_path, "AMFA", "te", True):
         error = ((tp2 - tp1).norm() / tp1.norm()).item()
         print("n-gram hash TP2+SP vs TP1 logits rel err", error)
-        assert error < 1e-4
+        assert error < TOLERANCE["te"]
