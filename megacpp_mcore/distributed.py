@@ -18,7 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port nobody listens on right now (another process may take it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -42,7 +43,7 @@ def init_process_groups(
         lone = "RANK" not in os.environ
         if lone:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         for attempt in range(3):
@@ -54,7 +55,7 @@ def init_process_groups(
                 # finding it and listening on it: pick another (a launcher's port is kept)
                 if not lone or attempt == 2:
                     raise
-                os.environ["MASTER_PORT"] = str(_free_port())
+                os.environ["MASTER_PORT"] = str(free_port())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

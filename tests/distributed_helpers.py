@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megacpp_mcore.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):
@@ -56,7 +51,7 @@ def run_distributed(fn, world_size: int, tmp_path: Path, *args):
 
     ``fn`` must be a module-level function (it is pickled into spawned processes).
     """
-    port = _free_port()
+    port = free_port()
     try:
         mp.start_processes(_worker, args=(world_size, port, fn, args, str(tmp_path)),
                            nprocs=world_size, join=True, start_method="spawn")

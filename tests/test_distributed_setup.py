@@ -17,8 +17,8 @@ def test_lone_process_retries_a_port_taken_in_between():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = [taken.getsockname()[1]]  # the first port offered is already listening
-        real = distributed._free_port
-        distributed._free_port = lambda: ports.pop() if ports else real()
+        real = distributed.free_port
+        distributed.free_port = lambda: ports.pop() if ports else real()
         distributed.init_process_groups(seed=1)
         assert dist.get_world_size() == 1
         assert int(os.environ["MASTER_PORT"]) != taken.getsockname()[1]

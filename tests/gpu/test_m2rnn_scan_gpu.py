@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
+from tests.gpu.conftest import rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,10 +72,6 @@ def make_inputs(B, T, H, K, V, *, dtype=torch.bfloat16, f_kind="layer", seed=0,
     return q, k, v, f.to(f_dtype or dtype), W, h0
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def run(fn, inputs, gy, gh):
     """Outputs and all input gradients for the functional <y, gy> + <h_last, gh>."""
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
@@ -98,7 +95,7 @@ def parity(inputs, *, backward_chunk=64, seed=1):
 
 def check(fused, ref, inputs):
     names = NAMES[: len(fused)]  # no dh0 without h0
-    errors = {name: rel(a, b) for name, a, b in zip(names, fused, ref, strict=True)}
+    errors = {name: rel_err(a, b) for name, a, b in zip(names, fused, ref, strict=True)}
     # dtype of each result: y in q's dtype, h_last fp32, each gradient in its input's dtype.
     dtypes = [inputs[0].dtype, torch.float32, *(x.dtype for x in inputs)]
     failures = []
@@ -165,7 +162,7 @@ def test_fused_edge_shapes(shape):
 def test_fused_fp32_inputs_tight():
     inputs = make_inputs(2, 64, 4, 64, 16, dtype=torch.float32, f_kind="sigmoid", seed=5)
     fused, ref = parity(inputs, backward_chunk=16)
-    errors = {name: rel(a, b) for name, a, b in zip(NAMES, fused, ref, strict=True)}
+    errors = {name: rel_err(a, b) for name, a, b in zip(NAMES, fused, ref, strict=True)}
     print({name: f"{err:.2e}" for name, err in errors.items()})
     assert all(err < FP32_INPUT_TOL for err in errors.values()), errors
 
@@ -177,7 +174,7 @@ def test_fused_without_h0_and_without_grad():
     with torch.no_grad():
         y, h_last = m2rnn_scan(q, k, v, f, W, path="fused")
     y_ref, h_ref = m2rnn_scan_reference(*(x.double() for x in (q, k, v, f, W)))
-    assert rel(y, y_ref) < BF16_TOL and rel(h_last, h_ref) < FP32_TOL
+    assert rel_err(y, y_ref) < BF16_TOL and rel_err(h_last, h_ref) < FP32_TOL
     # With grad and h0 absent (zeros): five gradients.
     inputs = [q, k, v, f, W]
     g = torch.Generator(device="cuda").manual_seed(11)
