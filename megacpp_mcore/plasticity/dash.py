@@ -134,8 +134,7 @@ class DashHook(TrainingHook):
             return
         started = time.perf_counter()
         adapter = self._adapter_for(optimizer)
-        digests = []
-        counts = {False: [0, 0], True: [0, 0]}  # routed expert? -> [shrunk rows, rows]
+        digests, counts = [], []  # counts: (routed expert?, shrunk rows, rows)
         for param, parts in self._targets:
             part = parts[0]  # the parts of one parameter share its tensor-parallel split
             slot = adapter.slot(param)
@@ -153,11 +152,10 @@ class DashHook(TrainingHook):
             # the whole layer's decision: a column-parallel weight's rows are split over TP
             whole = sharding.gather(scale, 0 if part.tp_dim == 0 else None, part.tp_group)
             digests.append((part, sharding.digest(whole)))
-            counts[part.expert is not None][0] += int((whole < 1).sum())
-            counts[part.expert is not None][1] += sum(p.global_shape()[0] for p in parts)
+            counts.append((part.expert is not None, int((whole < 1).sum()),
+                           sum(p.global_shape()[0] for p in parts)))
         assert_decisions_agree(f"DASH at step {step}", digests)
-        shrunk, rows = (int(n) for n in sharding.total_over_experts(counts[False],
-                                                                     counts[True]))
+        shrunk, rows = sharding.total_over_experts(counts, width=2)
         self._events.append({"step": step, "kind": "dash", "touched": shrunk,
                              "seconds": time.perf_counter() - started, "rows": rows,
                              "params": len(self._targets), "lam": self.lam})

@@ -176,12 +176,9 @@ class FireHook(TrainingHook):
                 self._adapter = OptimizerAdapter(optimizer)
             digests = fire_parts(self._parts, self._adapter, self.method)
             assert_decisions_agree(f"FIRE at step {step}", digests)
-            counts = {False: [0, 0], True: [0, 0]}  # routed expert? -> [parts, elements]
-            for part in self._parts:
-                counts[part.expert is not None][0] += 1
-                counts[part.expert is not None][1] += math.prod(part.global_shape())
-            touched, elements = (int(n) for n in sharding.total_over_experts(
-                counts[False], counts[True]))
+            touched, elements = sharding.total_over_experts(
+                ((p.expert is not None, 1, math.prod(p.global_shape())) for p in self._parts),
+                width=2)
             self._events.append({
                 "step": step, "kind": "fire", "touched": touched,
                 "seconds": time.perf_counter() - started, "mode": self.mode,

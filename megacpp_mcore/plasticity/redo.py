@@ -215,12 +215,11 @@ class RedoHook(TrainingHook):
             layers.append(self._report(mlp, n, n))
         assert_decisions_agree(f"ReDo at step {step}", digests)
         # every rank of the expert-parallel group reaches this sum, observed or not
-        recycled = {e: sum(r["recycled"] for r in layers if (r["expert"] is not None) == e)
-                    for e in (False, True)}
-        [touched] = sharding.total_over_experts([recycled[False]], [recycled[True]])
+        [touched] = sharding.total_over_experts(
+            ((r["expert"] is not None, r["recycled"]) for r in layers), width=1)
         if not digests:
             return  # nothing observed yet: no check happened
-        self._events.append({"step": step, "kind": "redo", "touched": int(touched),
+        self._events.append({"step": step, "kind": "redo", "touched": touched,
                              "seconds": time.perf_counter() - started, "tau": self.tau,
                              "layers": layers})
 

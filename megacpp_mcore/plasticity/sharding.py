@@ -9,6 +9,7 @@ group of one (and without ``torch.distributed``), so the same code runs in one C
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -68,17 +69,23 @@ def expert_parallel_group():
     return parallel_state.get_expert_model_parallel_group()
 
 
-def total_over_experts(dense: list[float], expert: list[float]) -> list[float]:
-    """Model-wide totals for an event: ``dense`` counts are the same on every rank, routed
-    ``expert`` counts cover this rank's experts only, so they are summed over the
-    expert-parallel group (every rank of the group must call this at the same step)."""
+def total_over_experts(rows: Iterable[tuple], width: int) -> list[int]:
+    """Model-wide counts for an event from ``(routed, count_1, ..., count_width)`` rows:
+    counts of dense parts are the same on every rank, routed-expert counts (``routed`` true)
+    cover this rank's experts only, so their sum is summed over the expert-parallel group
+    (every rank of the group must call this at the same step, with or without rows)."""
+    dense, expert = [0] * width, [0] * width
+    for routed, *counts in rows:
+        target = expert if routed else dense
+        for i, count in enumerate(counts):
+            target[i] += count
     group = expert_parallel_group()
     local = torch.tensor(expert, dtype=torch.float64)
     if size(group) > 1:
         on_gpu = dist.get_backend(group) == "nccl"
         local = local.cuda() if on_gpu else local
         dist.all_reduce(local, group=group)
-    return [d + e for d, e in zip(dense, local.tolist(), strict=True)]
+    return [int(d + e) for d, e in zip(dense, local.tolist(), strict=True)]
 
 
 def digest(*tensors: torch.Tensor) -> str:
