@@ -92,3 +92,29 @@ def test_expert_gemm_setting_travels_to_the_plugin_and_native_refuses_it():
     assert "--megacpp-moe-expert-gemm" not in plan.argv()
     omitted = {o["field"]: o["reason"] for o in plan.to_json()["omitted"]}
     assert "TE's GroupedLinear" in omitted["model.moe.expert_gemm"]
+
+
+def test_torch_experts_swap_only_fc1_and_fc2_in_megatrons_moe_spec(monkeypatch):
+    """The spec keeps Megatron's MoE builder, its experts' module and every other keyword;
+    only the experts' fc1/fc2 classes change (shown on the local spec: TE's needs a GPU)."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from megacpp_mcore.specs import moe as moe_spec
+
+    class Column:
+        pass
+
+    class Row:
+        pass
+
+    monkeypatch.setattr(moe_spec, "torch_grouped_linears", lambda: (Column, Row))
+    stock = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=False)
+    swapped = moe_spec._with_torch_grouped_experts(stock)
+    old, new = stock.keywords["submodules"], swapped.keywords["submodules"]
+    assert swapped.func is stock.func and swapped.args == stock.args
+    assert new.experts.func is old.experts.func
+    experts = new.experts.keywords["submodules"]
+    assert (experts.linear_fc1, experts.linear_fc2) == (Column, Row)
+    assert experts.activation_func == old.experts.keywords["submodules"].activation_func
+    assert {k: v for k, v in vars(new).items() if k != "experts"} == \
+        {k: v for k, v in vars(old).items() if k != "experts"}

@@ -49,13 +49,13 @@ def moe_layer_spec(backend: str, moe: MoEConfig) -> ModuleSpec:
 def _with_torch_grouped_experts(moe_builder: partial) -> partial:
     """Megatron's MoE builder with its TEGroupedMLP's fc1/fc2 swapped for the torch
     grouped-GEMM linears (everything else, parameters included, as Megatron builds it)."""
-    submodules = moe_builder.keywords["submodules"]
-    experts = submodules.experts
     column, row = torch_grouped_linears()
-    expert_submodules = dataclasses.replace(experts.keywords["submodules"],
-                                            linear_fc1=column, linear_fc2=row)
-    experts = partial(experts.func, *experts.args,
-                      **{**experts.keywords, "submodules": expert_submodules})
-    return partial(moe_builder.func, *moe_builder.args,
-                   **{**moe_builder.keywords,
-                      "submodules": dataclasses.replace(submodules, experts=experts)})
+    experts = _with_submodules(moe_builder.keywords["submodules"].experts,
+                               linear_fc1=column, linear_fc2=row)
+    return _with_submodules(moe_builder, experts=experts)
+
+
+def _with_submodules(builder: partial, **changes) -> partial:
+    """``builder`` (a ``partial`` holding ``submodules=``) with those submodules changed."""
+    submodules = dataclasses.replace(builder.keywords["submodules"], **changes)
+    return partial(builder.func, *builder.args, **{**builder.keywords, "submodules": submodules})
