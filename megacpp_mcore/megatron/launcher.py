@@ -253,17 +253,17 @@ class RunTracker:
         if not inner:
             raise MegacppError("Megatron's optimizer has no inner optimizer on this rank")
         self._step_handle = inner[-1].register_step_post_hook(self._on_step_done)
+        loaded = self.args.curr_iteration if self.args.load and self.args.curr_iteration > 0 \
+            else None  # the iteration of the checkpoint this run resumed from
         self.context = HookContext(num_microbatches=self.num_microbatches,
                                    loss_scale=float(optimizer.get_loss_scale()),
                                    path="megatron", layout=self.layout,
                                    extra={"args": self.args, "eod_id": _eod_id(),
-                                          "loaded_iteration": self.args.curr_iteration
-                                          if self.args.load and self.args.curr_iteration > 0
-                                          else None,
+                                          "loaded_iteration": loaded,
                                           "seq_length": self.args.seq_length})
         self.hooks.install(self.model_chunks, self.context)
-        if self.args.load and self.args.curr_iteration > 0 and self.hooks:
-            self._load_hook_state(self.args.curr_iteration)
+        if loaded is not None and self.hooks:
+            self._load_hook_state(loaded)
 
     def begin_iteration(self, model) -> None:
         """Training micro-batch: at the first one of an iteration, ``before_step``."""
