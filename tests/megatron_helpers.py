@@ -92,7 +92,8 @@ def mla_attention_on_cpu(monkeypatch, q_lora_rank=32):
     from megatron.core.transformer import MLATransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    from megacpp_mcore.specs.attention import _local_mla
+    from megacpp_mcore.specs.attention import attention_layer_spec
+    from megacpp_mcore.specs.providers import MegacppLocalSpecProvider
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     config = MLATransformerConfig(
@@ -100,4 +101,5 @@ def mla_attention_on_cpu(monkeypatch, q_lora_rank=32):
         kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6,
         add_bias_linear=False, use_cpu_initialization=True, rope_type="rope",
         normalization="RMSNorm")
-    return build_module(_local_mla(), config=config, layer_number=1)
+    mla = attention_layer_spec(MegacppLocalSpecProvider(), "mla").submodules.self_attention
+    return build_module(mla, config=config, layer_number=1)

@@ -68,11 +68,12 @@ def tree(obj, te_names: dict[int, str] | None = None):
     return _name(obj, te_names)
 
 
-def attempt(build):
-    """The tree of ``build()``, or the error it raises (type and message)."""
+def attempt(build, *args):
+    """The tree of ``build(*args)``, or the error it raises (type and message): a refusal
+    is part of what is pinned."""
     try:
-        return tree(build())
-    except Exception as error:  # noqa: BLE001 - a refusal is part of what is pinned
+        return tree(build(*args))
+    except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
 
 

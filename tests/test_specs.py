@@ -21,6 +21,7 @@ from megacpp_mcore.specs.gdn import gdn_layer_spec
 from megacpp_mcore.specs.mamba import mamba_layer_spec
 from megacpp_mcore.specs.mlp import mlp_layer_spec
 from megacpp_mcore.specs.moe import moe_layer_spec
+from megacpp_mcore.specs.providers import provider_for
 from megacpp_mcore.specs.recurrent import recurrent_layer_spec
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
 from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_SYMBOLS, megatron_pattern
@@ -82,9 +83,8 @@ def test_te_specs_use_transformer_engine_modules():
     layout = parse_pattern("AEMFRG")
     sub = build_stack_spec(layout, tiny_model_config(), _plan("te", layout)).submodules
     upstream = hybrid_stack_spec.submodules
-    assert sub.attention_layer is upstream.attention_layer  # stock Megatron's own spec
-    assert sub.mlp_layer is upstream.mlp_layer
-    assert sub.gdn_layer is upstream.gdn_layer
+    for slot in ("attention_layer", "mlp_layer", "gdn_layer"):  # stock Megatron's own specs
+        assert tree(getattr(sub, slot)) == tree(getattr(upstream, slot)), slot
     core = sub.attention_layer.submodules.self_attention.submodules.core_attention
     assert core is TEDotProductAttention
     assert sub.moe_layer.submodules.pre_mlp_layernorm is TENorm
@@ -124,33 +124,32 @@ def _spec_cases(backend: str) -> dict:
     """Every spec the builders make on ``backend`` (one per family, variant, path and experts
     kernel), as trees; a refusal is recorded as its error."""
     model = tiny_model_config()
+    provider = provider_for(backend)
     out = {}
     for variant in ("gqa", "mla", "dsa"):
-        out[f"attention/{variant}"] = attempt(lambda: attention_layer_spec(backend, variant))
+        out[f"attention/{variant}"] = attempt(attention_layer_spec, provider, variant)
     for grouped in (False, True):
         for gemm in ("te", "torch"):
             moe = MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=64, grouped_gemm=grouped,
                             expert_gemm=gemm)
             out[f"moe/grouped_gemm={grouped}/expert_gemm={gemm}"] = attempt(
-                lambda: moe_layer_spec(backend, moe))
+                moe_layer_spec, provider, moe)
     for path in ("fused", "reference"):
         for variant in ("mamba2", "mamba3"):
             mamba = MambaConfig(state_dim=16, head_dim=16, num_groups=2, chunk_size=8,
                                 variant=variant)
-            out[f"mamba/{path}/{variant}"] = attempt(
-                lambda: mamba_layer_spec(backend, path, mamba))
-        out[f"recurrent/{path}"] = attempt(
-            lambda: recurrent_layer_spec(backend, path, model.recurrent))
+            out[f"mamba/{path}/{variant}"] = attempt(mamba_layer_spec, provider, path, mamba)
+        out[f"recurrent/{path}"] = attempt(recurrent_layer_spec, provider, path,
+                                           model.recurrent)
     out["mamba/fused/mamba3-mimo"] = attempt(
-        lambda: mamba_layer_spec(backend, "fused", MambaConfig(variant="mamba3", mimo=True)))
-    out["mlp"] = attempt(lambda: mlp_layer_spec(backend))
-    out["gdn"] = attempt(lambda: gdn_layer_spec(backend))
-    out["mtp_block"] = attempt(lambda: stack._mtp_block_spec(backend))
+        mamba_layer_spec, provider, "fused", MambaConfig(variant="mamba3", mimo=True))
+    out["mlp"] = attempt(mlp_layer_spec, provider)
+    out["gdn"] = attempt(gdn_layer_spec, provider)
+    out["mtp_block"] = attempt(stack._mtp_block_spec, provider)
     layout = parse_pattern("AEMFRG/AF")
-    out["stack/final_norm"] = attempt(
-        lambda: stack.build_stack_submodules(layout, model, _plan(backend, layout)).final_norm)
-    out["stack/mtp_block"] = attempt(
-        lambda: stack.build_stack_submodules(layout, model, _plan(backend, layout)).mtp_block_spec)
+    sub = stack.build_stack_submodules(layout, model, _plan(backend, layout))
+    out["stack/final_norm"] = tree(sub.final_norm)
+    out["stack/mtp_block"] = tree(sub.mtp_block_spec)
     return out
 
 
@@ -188,7 +187,8 @@ def test_te_specs_are_megatrons_hybrid_specs():
     for slot in ("attention_layer", "mlp_layer", "gdn_layer", "moe_layer", "mtp_block_spec"):
         assert tree(getattr(ours, slot)) == tree(getattr(upstream, slot)), slot
     for variant, slot in (("mla", "mla_layer"), ("dsa", "dsa_layer")):
-        assert tree(attention_layer_spec("te", variant)) == tree(getattr(upstream, slot))
+        built = attention_layer_spec(provider_for("te"), variant)
+        assert tree(built) == tree(getattr(upstream, slot)), variant
     mixer, native = ours.mamba_layer.submodules.mixer, upstream.mamba_layer.submodules.mixer
     assert tree(mixer.submodules) == tree(native.submodules)
     assert tree(mixer.module) == tree(native.module)

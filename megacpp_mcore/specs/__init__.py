@@ -9,6 +9,8 @@
 | R | ``specs.recurrent`` | Megatron ``MambaLayer`` with this project's ``RecurrentMixer`` |
 | G | ``specs.gdn`` | Megatron ``TransformerLayer`` with ``GatedDeltaNet`` |
 
-Each takes the backend decision (``te`` or ``local``) from ``megacpp_mcore.backend``;
+Each builder takes a Megatron spec provider (``specs.providers``: Megatron's ``TESpecProvider``
+for ``te``, the plugin's ``MegacppLocalSpecProvider`` for ``local``; ``provider_for(built)``
+maps the backend decision of ``megacpp_mcore.backend`` to one) and asks it for its modules;
 ``specs.stack`` puts them together for every position of a layout.
 """

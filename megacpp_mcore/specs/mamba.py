@@ -4,10 +4,12 @@ Mamba-2 follows the dispatcher's path: ``fused`` builds Megatron's own ``MambaMi
 (mamba-ssm kernels, GPU), ``reference`` builds ``layers.mamba2.Mamba2Mixer`` (plain PyTorch,
 the same parameters and checkpoint layout). Mamba-3 (``model.mamba.variant: mamba3``) builds
 ``layers.mamba3.Mamba3Mixer`` on either path; its MIMO form is refused with the reason.
-``te``: the norm is fused into the input projection (TE LayerNormColumnParallelLinear), as in
-stock Megatron. ``local``: a torch norm and Megatron's local linears.
+The norm and projections come from the backend's spec provider (``specs.projections``): TE
+fuses the norm into the input projection (TE LayerNormColumnParallelLinear), as in stock
+Megatron; local is a torch norm and Megatron's local linears.
 """
 
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -26,7 +28,7 @@ MIMO_REFUSED = (
 )
 
 
-def mamba_layer_spec(backend: str, path: str, mamba: MambaConfig) -> ModuleSpec:
+def mamba_layer_spec(provider: BackendSpecProvider, path: str, mamba: MambaConfig) -> ModuleSpec:
     if path not in MIXERS:
         raise ValueError(f"M mixer path {path!r}; accepted: {', '.join(MIXERS)}")
     if mamba.variant == "mamba3":
@@ -34,6 +36,6 @@ def mamba_layer_spec(backend: str, path: str, mamba: MambaConfig) -> ModuleSpec:
             raise SpecError(MIMO_REFUSED)
         params = {"path": path, "chunk_size": mamba.chunk_size,
                   "rope_fraction": mamba.rope_fraction}
-        return mixer_layer_spec(backend, Mamba3Mixer, MambaMixerSubmodules, params)
+        return mixer_layer_spec(provider, Mamba3Mixer, MambaMixerSubmodules, params)
     params = {"d_conv": mamba.conv_kernel, "chunk_size": mamba.chunk_size}
-    return mixer_layer_spec(backend, MIXERS[path], MambaMixerSubmodules, params)
+    return mixer_layer_spec(provider, MIXERS[path], MambaMixerSubmodules, params)

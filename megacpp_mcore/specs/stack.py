@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -33,6 +34,7 @@ from megacpp_mcore.specs.gdn import gdn_layer_spec
 from megacpp_mcore.specs.mamba import mamba_layer_spec
 from megacpp_mcore.specs.mlp import mlp_layer_spec
 from megacpp_mcore.specs.moe import moe_layer_spec
+from megacpp_mcore.specs.providers import provider_for
 from megacpp_mcore.specs.recurrent import recurrent_layer_spec
 from megacpp_mcore.symbols import ATTENTION_SYMBOLS, PLUGIN_SYMBOLS, VARIANT_SYMBOLS
 
@@ -146,13 +148,9 @@ def _build_layers(config, submodules, letters, symbols, offset, pg_collection, i
 # --------------------------------------------------------------------------- builders
 
 
-def _mtp_block_spec(backend: str) -> ModuleSpec:
-    """Megatron's MTP block (norms + projection) with the backend's modules."""
-    if backend == "te":
-        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
-
-        return hybrid_stack_spec.submodules.mtp_block_spec
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+def _mtp_block_spec(provider: BackendSpecProvider) -> ModuleSpec:
+    """Megatron's MTP block (norms + projection) with the provider's modules (with TE's,
+    stock Megatron's hybrid MTP block)."""
     from megatron.core.transformer.multi_token_prediction import (
         MultiTokenPredictionBlock,
         MultiTokenPredictionBlockSubmodules,
@@ -160,11 +158,12 @@ def _mtp_block_spec(backend: str) -> ModuleSpec:
         MultiTokenPredictionLayerSubmodules,
     )
 
+    norm = provider.layer_norm()
     layer = ModuleSpec(
         module=MultiTokenPredictionLayer,
         submodules=MultiTokenPredictionLayerSubmodules(
-            enorm=LocalNorm, hnorm=LocalNorm, eh_proj=ColumnParallelLinear,
-            mtp_model_layer=None, layer_norm=LocalNorm,
+            enorm=norm, hnorm=norm, eh_proj=provider.column_parallel_linear(),
+            mtp_model_layer=None, layer_norm=norm,
         ),
     )
     return ModuleSpec(module=MultiTokenPredictionBlock,
@@ -174,7 +173,7 @@ def _mtp_block_spec(backend: str) -> ModuleSpec:
 def build_stack_submodules(layout: Layout, model: ModelConfig,
                            plan: BackendPlan) -> MegacppStackSubmodules:
     """Layer specs for every family ``layout`` uses (others stay empty)."""
-    backend = plan.built
+    provider = provider_for(plan.built)
     if any(layer.letter == "R" for layer in layout.mtp_layers):
         raise SpecError(
             "R in multi-token-prediction layers is not supported: Megatron's MTP block builds "
@@ -182,23 +181,20 @@ def build_stack_submodules(layout: Layout, model: ModelConfig,
     sub = MegacppStackSubmodules()
     if layout.has("A"):
         for variant in used_variants(layout, model.attention):
-            setattr(sub, VARIANT_SLOTS[variant], attention_layer_spec(backend, variant))
+            setattr(sub, VARIANT_SLOTS[variant], attention_layer_spec(provider, variant))
     if layout.has("E"):
-        sub.moe_layer = moe_layer_spec(backend, model.moe)
+        sub.moe_layer = moe_layer_spec(provider, model.moe)
     if layout.has("M"):
-        sub.mamba_layer = mamba_layer_spec(backend, plan.path("M"), model.mamba)
+        sub.mamba_layer = mamba_layer_spec(provider, plan.path("M"), model.mamba)
     if layout.has("F"):
-        sub.mlp_layer = mlp_layer_spec(backend)
+        sub.mlp_layer = mlp_layer_spec(provider)
     if layout.has("R"):
-        sub.recurrent_layer = recurrent_layer_spec(backend, plan.path("R"), model.recurrent)
+        sub.recurrent_layer = recurrent_layer_spec(provider, plan.path("R"), model.recurrent)
     if layout.has("G"):
-        sub.gdn_layer = gdn_layer_spec(backend)
+        sub.gdn_layer = gdn_layer_spec(provider)
     if layout.mtp:
-        sub.mtp_block_spec = _mtp_block_spec(backend)
-    if backend == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        sub.final_norm = TENorm
+        sub.mtp_block_spec = _mtp_block_spec(provider)
+    sub.final_norm = provider.layer_norm()
     return sub
 
 
