@@ -19,7 +19,7 @@ import torch
 
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import FAMILIES, Layout
-from megacpp_mcore.ops.m2rnn_checks import fused_head_dims_problem
+from megacpp_mcore.ops.m2rnn.checks import fused_head_dims_problem
 
 BACKENDS = ("auto", "te", "local")
 
@@ -72,6 +72,10 @@ class BackendPlan:
 
     def path(self, letter: str) -> str:
         return self.families[letter].path or ""
+
+    def paths(self) -> dict[str, str | None]:
+        """Each family's path (``{letter: path}``), for the per-layer plan."""
+        return {letter: build.path for letter, build in self.families.items()}
 
     def with_path(self, letter: str, path: str, reason: str) -> BackendPlan:
         """The same plan with one family's path forced (parity tests, benchmarks); the

@@ -9,7 +9,7 @@ fewer repetitions. ``--sweep`` also times every launch setting (rows per program
 tl.dot or broadcast products), prints the best one per shape and the best over all shapes
 (smallest geometric mean of fwd+bwd time relative to the current default), and with
 ``--json PATH`` writes them down. ``--apply PATH`` then writes that overall best into the
-launch defaults of ``megacpp_mcore/ops/m2rnn_triton.py`` (``DEFAULT_BLOCK_ROWS`` etc., used
+launch defaults of ``megacpp_mcore/ops/m2rnn/fused.py`` (``DEFAULT_BLOCK_ROWS`` etc., used
 where a ``ScanKernelConfig`` leaves a field None; no GPU needed):
 
     python scripts/bench_r_scan.py --sweep --quick --no-reference --json r_sweep.json  # GPU
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TRITON_MODULE = ROOT / "megacpp_mcore" / "ops" / "m2rnn_triton.py"
+TRITON_MODULE = ROOT / "megacpp_mcore" / "ops" / "m2rnn" / "fused.py"
 WARPS = (1, 2, 4, 8)
 BLOCK_ROWS = (16, 32, 64, 128)
 
@@ -79,7 +79,7 @@ def apply_defaults(source: str, config: dict, note: str) -> str:
     }
     for name, (pattern, value) in values.items():
         if len(re.findall(r"(?m)^" + pattern, source)) != 1:
-            raise ValueError(f"{name}: its line was not found (is this ops/m2rnn_triton.py?)")
+            raise ValueError(f"{name}: its line was not found (is this ops/m2rnn/fused.py?)")
         annotation = ": int | None" if name == "DEFAULT_NUM_WARPS" else ""
         source = re.sub(r"(?m)^" + pattern, f"{name}{annotation} = {value!r}", source)
     source = re.sub(r"(?m)^# measured by scripts/bench_r_scan.py[^\n]*\n", "", source)
@@ -164,7 +164,7 @@ def bench_ms(step, args, slow: bool = False) -> float:
 
 def launch_configs(K: int, V: int, sweep: bool) -> list[dict | None]:
     """None (the current default) and, with ``sweep``, every valid launch setting."""
-    from megacpp_mcore.ops.m2rnn_triton import MAX_BROADCAST_ELEMENTS
+    from megacpp_mcore.ops.m2rnn.fused import MAX_BROADCAST_ELEMENTS
 
     configs: list[dict | None] = [None]
     if sweep:
@@ -179,8 +179,8 @@ def launch_configs(K: int, V: int, sweep: bool) -> list[dict | None]:
 
 def bench_heads(H: int, args) -> list[dict]:
     """One row per path for one head count: name, config, fwd ms, fwd+bwd ms, peak MiB."""
-    from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan_reference
-    from megacpp_mcore.ops.m2rnn_triton import ScanKernelConfig, m2rnn_scan_fused
+    from megacpp_mcore.ops.m2rnn.fused import ScanKernelConfig, m2rnn_scan_fused
+    from megacpp_mcore.ops.m2rnn.reference import m2rnn_scan_reference
 
     xs, gy, gh = make_inputs(1, args.T, H, args.K, args.V, args.device)
     rows = []
@@ -229,7 +229,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write every row and the best settings here")
     parser.add_argument("--apply", type=Path, metavar="RESULT_JSON",
                         help="write a sweep's overall best into the launch defaults of "
-                        "megacpp_mcore/ops/m2rnn_triton.py and exit; no GPU needed")
+                        "megacpp_mcore/ops/m2rnn/fused.py and exit; no GPU needed")
     args = parser.parse_args()
     if args.apply:
         config = apply_file(args.apply)

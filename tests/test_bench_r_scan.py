@@ -59,7 +59,7 @@ def test_apply_writes_the_defaults_once_and_keeps_the_module_valid():
     changed = [b for a, b in zip(source.splitlines(), lines, strict=True) if a != b]
     assert changed == ["DEFAULT_BLOCK_ROWS = 32", "DEFAULT_NUM_WARPS: int | None = 4",
                        "DEFAULT_USE_DOT = False"]
-    compile(twice, "m2rnn_triton.py", "exec")
+    compile(twice, "fused.py", "exec")
     with pytest.raises(ValueError, match="DEFAULT_BLOCK_ROWS: its line was not found"):
         bench_r_scan.apply_defaults("x = 1\n", config, "")
 
@@ -79,7 +79,7 @@ def test_the_sweep_runs_under_the_interpreter_and_apply_uses_its_result(tmp_path
     rows = result["shapes"]["1"]
     assert len(rows) == 1 + 4 * 2  # the default + 4 warp counts x (dot, broadcast) at bk=16
     assert all("ms" in row for row in rows)
-    target = tmp_path / "m2rnn_triton.py"
+    target = tmp_path / "fused.py"
     target.write_text(bench_r_scan.TRITON_MODULE.read_text())
     config = bench_r_scan.apply_file(out, target)
     assert scan_defaults(target.read_text()) == config == result["overall_best"]
@@ -87,7 +87,7 @@ def test_the_sweep_runs_under_the_interpreter_and_apply_uses_its_result(tmp_path
 
 def test_applied_defaults_stay_within_what_each_shape_allows(monkeypatch):
     pytest.importorskip("triton")
-    from megacpp_mcore.ops import m2rnn_triton as mt
+    from megacpp_mcore.ops.m2rnn import fused as mt
 
     assert mt._resolve_config(64, 16, None) == (16, 1, True)  # unchanged out of the box
     monkeypatch.setattr(mt, "DEFAULT_BLOCK_ROWS", 32)

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpp_mcore.ops.m2rnn_naive import naive_scan
-from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
+from megacpp_mcore.ops.m2rnn.dispatch import m2rnn_scan
+from megacpp_mcore.ops.m2rnn.naive import naive_m2rnn_scan
+from megacpp_mcore.ops.m2rnn.reference import m2rnn_scan_reference
+from tests.compare import assert_close, compare_outputs_and_grads, outputs_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,38 +32,22 @@ def make_inputs(B, T, H, K, V, *, seed=0, dtype=torch.float64, shared=False):
     return [x.to(dtype) for x in (q, k, v, f, W, h0)]
 
 
-def outputs_and_grads(fn, inputs, seed=1):
-    """(y, h_last, grads of every input) for a random linear functional of y and h_last."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    y, h_last = fn(*xs)
-    g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=g).to(y.dtype)
-    gh = torch.randn(h_last.shape, generator=g).to(h_last.dtype)
-    grads = torch.autograd.grad((y, h_last), xs, (gy, gh))
-    return [y.detach(), h_last.detach(), *grads]
-
-
 NAMES = ["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"]
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4, 3), (1, 1, 1, 2, 2), (3, 4, 2, 5, 1)])
 def test_reference_matches_naive_loop(shape):
-    inputs = make_inputs(*shape)
-    got = outputs_and_grads(m2rnn_scan_reference, inputs)
-    want = outputs_and_grads(naive_scan, inputs)
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert a.dtype == torch.float64, name
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    got, _ = compare_outputs_and_grads(m2rnn_scan_reference, naive_m2rnn_scan, make_inputs(*shape),
+                                       NAMES, rtol=1e-10, atol=1e-12)
+    assert all(a.dtype == torch.float64 for a in got)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4, 3), (1, 3, 51, 2, 2)])
 def test_reference_matches_naive_loop_with_shared_qk(shape):
     inputs = make_inputs(*shape, shared=True)
     assert inputs[0].shape[2] == 1 and inputs[2].shape[2] == shape[2]
-    got = outputs_and_grads(m2rnn_scan_reference, inputs)
-    want = outputs_and_grads(naive_scan, inputs)
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    got, _ = compare_outputs_and_grads(m2rnn_scan_reference, naive_m2rnn_scan, inputs, NAMES,
+                                       rtol=1e-10, atol=1e-12)
     assert got[2].shape == inputs[0].shape and got[3].shape == inputs[1].shape  # dq, dk
 
 
@@ -72,19 +58,19 @@ def test_shared_qk_is_the_per_head_scan_with_copies():
     shared = outputs_and_grads(m2rnn_scan_reference, [q, k, v, f, W, h0])
     copies = [q.expand(2, 4, 3, 4).clone(), k.expand(2, 4, 3, 4).clone(), v, f, W, h0]
     per_head = outputs_and_grads(m2rnn_scan_reference, copies)
-    torch.testing.assert_close(shared[0], per_head[0])
-    torch.testing.assert_close(shared[2], per_head[2].sum(2, keepdim=True))
-    torch.testing.assert_close(shared[3], per_head[3].sum(2, keepdim=True))
+    assert_close(shared[0], per_head[0], what="y")
+    assert_close(shared[2], per_head[2].sum(2, keepdim=True), what="dq")
+    assert_close(shared[3], per_head[3].sum(2, keepdim=True), what="dk")
 
 
 def test_reference_without_h0_starts_from_zeros():
     inputs = make_inputs(2, 4, 2, 3, 2)
     zeros = torch.zeros_like(inputs[5])
     got = outputs_and_grads(lambda *x: m2rnn_scan_reference(*x, None), inputs[:5])
-    want = outputs_and_grads(naive_scan, [*inputs[:5], zeros])[:7]
+    want = outputs_and_grads(naive_m2rnn_scan, [*inputs[:5], zeros])[:7]
     assert len(got) == 7
     for name, a, b in zip(NAMES, got, want, strict=False):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+        assert_close(a, b, rtol=1e-10, atol=1e-12, what=name)
 
 
 def test_reference_gradcheck():
@@ -99,7 +85,7 @@ def test_reference_dtypes():
     y, h_last = m2rnn_scan_reference(q, k, v, f, W.double(), h0)
     assert y.dtype == torch.bfloat16 and h_last.dtype == torch.float64
     y64, _ = m2rnn_scan(*(x.double() for x in (q, k, v, f, W, h0)), path="reference")
-    torch.testing.assert_close(y, y64.to(torch.bfloat16), rtol=0, atol=0)
+    assert_close(y, y64.to(torch.bfloat16), rtol=0, atol=0, what="bf16 y")
 
 
 def test_reference_rejects_bad_shapes():
@@ -130,7 +116,7 @@ def test_dispatcher_fused_needs_cuda():
 
 def test_fused_rejects_unsupported_inputs():
     pytest.importorskip("triton")
-    from megacpp_mcore.ops.m2rnn_triton import m2rnn_scan_fused
+    from megacpp_mcore.ops.m2rnn.fused import m2rnn_scan_fused
 
     def run(B=1, T=4, H=1, K=16, V=16, dtype=torch.float32, **kw):
         q, k, v, f, W, h0 = make_inputs(B, T, H, K, V, dtype=dtype)
@@ -152,13 +138,11 @@ def test_fused_rejects_unsupported_inputs():
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan_reference
-    from megacpp_mcore.ops.m2rnn_triton import ScanKernelConfig, m2rnn_scan_fused
+    from megacpp_mcore.ops.m2rnn.fused import ScanKernelConfig, m2rnn_scan_fused
+    from megacpp_mcore.ops.m2rnn.reference import m2rnn_scan_reference
+    from tests.compare import outputs_and_grads, rel_err
     sys.path.insert(0, sys.argv[1])
-    from test_m2rnn_scan import NAMES, make_inputs, outputs_and_grads
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    from test_m2rnn_scan import NAMES, make_inputs
 
     cases = [  # (B, T, H, K, V, chunk, with_h0, config, shared q/k)
         (1, 9, 2, 16, 16, 4, True, None, False),
@@ -182,7 +166,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
             "case": [B, T, H, K, V, chunk, with_h0, repr(config), shared],
             "shapes": [list(x.shape) for x in fused],
             "dtypes": [str(x.dtype) for x in fused],
-            "rel": {n: rel(a, b) for n, a, b in zip(NAMES, fused, ref)},
+            "rel": {n: rel_err(a, b) for n, a, b in zip(NAMES, fused, ref)},
             "deterministic": all(torch.equal(a, b) for a, b in zip(fused, again)),
         })
     print(json.dumps(report))

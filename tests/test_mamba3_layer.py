@@ -10,10 +10,11 @@ from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layers.mamba3 import Mamba3Mixer
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
-from megacpp_mcore.ops.mamba3_naive import naive_mamba3_siso
+from megacpp_mcore.ops.mamba3.naive import naive_mamba3_siso
 from megacpp_mcore.settings.config import MambaConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import size_problems
 from tests.checkpoint_helpers import load, save_sync
+from tests.compare import assert_close
 from tests.conftest import tiny_model_config
 
 FP32 = PrecisionConfig(params_dtype="fp32")
@@ -59,7 +60,7 @@ def test_layer_computes_the_mamba3_recurrence(megatron_single_process, monkeypat
     y = mixer.mix(torch.randn(2, 16, mixer.in_proj.weight.shape[0]))
     scan = {k: v for k, v in captured.items() if k != "chunk_size"}
     oracle = naive_mamba3_siso(**{k: v.double() for k, v in scan.items()})
-    torch.testing.assert_close(y.double(), oracle.reshape(2, 16, -1), rtol=1e-4, atol=1e-5)
+    assert_close(y.double(), oracle.reshape(2, 16, -1), rtol=1e-4, atol=1e-5, what="mixer scan")
 
 
 def test_mamba3_model_trains_and_checkpoints(megatron_single_process, tmp_path):
@@ -88,8 +89,9 @@ def test_mamba3_model_trains_and_checkpoints(megatron_single_process, tmp_path):
     other = build_model(layout, config, precision=FP32)
     load(other, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(other(tokens[:, :-1], positions, None),
-                                   model(tokens[:, :-1], positions, None), rtol=1e-5, atol=1e-5)
+        assert_close(other(tokens[:, :-1], positions, None),
+                     model(tokens[:, :-1], positions, None), rtol=1e-5, atol=1e-5,
+                     what="logits after loading the checkpoint")
 
 
 def test_mimo_is_refused_with_the_reason(megatron_single_process):

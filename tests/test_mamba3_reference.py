@@ -4,8 +4,9 @@ outputs and every input gradient in float64."""
 import pytest
 import torch
 
-from megacpp_mcore.ops.mamba3_naive import naive_mamba3_siso
-from megacpp_mcore.ops.mamba3_reference import mamba3_siso_reference
+from megacpp_mcore.ops.mamba3.naive import naive_mamba3_siso
+from megacpp_mcore.ops.mamba3.reference import mamba3_siso_reference
+from tests.compare import assert_close, compare_outputs_and_grads
 
 NAMES = ("Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z")
 
@@ -30,8 +31,8 @@ def _inputs(batch=2, length=11, heads=4, qk_heads=2, n=8, p=3, angles=2, seed=0)
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 11, 16])
 def test_chunked_matches_naive(chunk_size):
     inputs = _inputs()
-    torch.testing.assert_close(mamba3_siso_reference(**inputs, chunk_size=chunk_size),
-                               naive_mamba3_siso(**inputs), rtol=1e-10, atol=1e-10)
+    assert_close(mamba3_siso_reference(**inputs, chunk_size=chunk_size),
+                 naive_mamba3_siso(**inputs), rtol=1e-10, atol=1e-10, what="y")
 
 
 @pytest.mark.parametrize("variant", [
@@ -42,21 +43,18 @@ def test_shapes_and_optional_terms(variant):
     inputs = _inputs(**variant)
     for drop in ((), ("D",), ("Z",), ("D", "Z")):
         kept = {k: (None if k in drop else v) for k, v in inputs.items()}
-        torch.testing.assert_close(mamba3_siso_reference(**kept, chunk_size=4),
-                                   naive_mamba3_siso(**kept), rtol=1e-10, atol=1e-10)
+        assert_close(mamba3_siso_reference(**kept, chunk_size=4), naive_mamba3_siso(**kept),
+                     rtol=1e-10, atol=1e-10, what=f"y without {drop}")
 
 
 def test_gradients_match_naive():
-    inputs = {k: v.requires_grad_() for k, v in _inputs(length=9).items()}
-    weights = torch.randn(2, 9, 4, 3, dtype=torch.float64)
-    out = mamba3_siso_reference(**inputs, chunk_size=4)
-    grads = torch.autograd.grad((out * weights).sum(), list(inputs.values()))
-    grads_ref = torch.autograd.grad((naive_mamba3_siso(**inputs) * weights).sum(),
-                                    list(inputs.values()))
+    inputs = _inputs(length=9)
+    _, want = compare_outputs_and_grads(
+        lambda **kw: mamba3_siso_reference(**kw, chunk_size=4), naive_mamba3_siso, inputs,
+        ("y", *NAMES), rtol=1e-9, atol=1e-9)
     assert list(inputs) == list(NAMES)
-    for name, g, g_ref in zip(inputs, grads, grads_ref, strict=True):
+    for name, g_ref in zip(NAMES, want[1:], strict=True):
         assert g_ref.abs().sum() > 0, name  # every input reaches the output
-        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_trapezoid_mixes_current_and_previous_input():
@@ -68,8 +66,8 @@ def test_trapezoid_mixes_current_and_previous_input():
     shifted = dict(inputs, Trap=torch.full_like(inputs["Trap"], -60.0))
     first = mamba3_siso_reference(**shifted, chunk_size=2)[:, 0]
     assert first.abs().max() < 1e-12  # exact up to the diagonal correction's rounding
-    torch.testing.assert_close(mamba3_siso_reference(**euler, chunk_size=2),
-                               naive_mamba3_siso(**euler), rtol=1e-10, atol=1e-10)
+    assert_close(mamba3_siso_reference(**euler, chunk_size=2), naive_mamba3_siso(**euler),
+                 rtol=1e-10, atol=1e-10, what="euler y")
 
 
 def test_bad_shapes_are_named():

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
-from megacpp_mcore.ops.m2rnn_naive import naive_scan
+from megacpp_mcore.ops.m2rnn.naive import naive_m2rnn_scan
 from megacpp_mcore.settings.config import ParallelConfig, PrecisionConfig, RecurrentConfig
 from megacpp_mcore.settings.sizes import size_problems
 from megacpp_mcore.train.flops import recurrent_flops
+from tests.compare import assert_close
 from tests.conftest import tiny_model_config
 
 FP32 = PrecisionConfig(params_dtype="fp32")
@@ -68,14 +69,14 @@ def test_seed_layer_is_its_own_recomputation(megatron_single_process):
         forget = torch.exp(-torch.exp(mixer.A_log.double())
                            * F.softplus(f + mixer.dt_bias.double()))
         forget = forget.to(torch.bfloat16).double()
-        y, _ = naive_scan(q.reshape(b, L, 1, K), k.reshape(b, L, 1, K), v.reshape(b, L, H, V),
-                          forget, mixer.state_weight.double(), torch.zeros(b, H, K, V,
-                                                                           dtype=torch.float64))
+        y, _ = naive_m2rnn_scan(q.reshape(b, L, 1, K), k.reshape(b, L, 1, K),
+                                v.reshape(b, L, H, V), forget, mixer.state_weight.double(),
+                                torch.zeros(b, H, K, V, dtype=torch.float64))
         y = (y + mixer.D.double() * v.reshape(b, L, H, V)) * F.silu(g.reshape(b, L, H, V))
         y = y.reshape(b, L, H * V)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * mixer.norm_weight.double()
         want = y.transpose(0, 1) @ mixer.out_proj.weight.double().T
-    torch.testing.assert_close(out.double(), want, rtol=2e-4, atol=2e-5)
+    assert_close(out.double(), want, rtol=2e-4, atol=2e-5, what="seed R layer output")
 
 
 def test_linear_default_init(megatron_single_process):

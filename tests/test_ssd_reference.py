@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from megacpp_mcore.ops.ssd import ssd_scan_reference
-from megacpp_mcore.ops.ssd_naive import naive_ssd
+from megacpp_mcore.ops.ssd.naive import naive_ssd_scan
+from megacpp_mcore.ops.ssd.reference import ssd_scan_reference
+from tests.compare import assert_close, compare_outputs_and_grads
 
 
 def _inputs(batch=2, length=11, heads=4, groups=2, p=3, n=5, seed=0):
@@ -28,21 +29,16 @@ def _inputs(batch=2, length=11, heads=4, groups=2, p=3, n=5, seed=0):
 def test_chunked_matches_naive(chunk_size):
     inputs = _inputs()
     y, final = ssd_scan_reference(chunk_size=chunk_size, **inputs)
-    y_ref, final_ref = naive_ssd(**inputs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
+    y_ref, final_ref = naive_ssd_scan(**inputs)
+    assert_close(y, y_ref, rtol=1e-10, atol=1e-10, what="y")
+    assert_close(final, final_ref, rtol=1e-10, atol=1e-10, what="final_state")
 
 
 def test_gradients_match_naive():
-    inputs = {k: v.requires_grad_() for k, v in _inputs(length=7).items()}
-    weights = torch.randn(2, 7, 4, 3, dtype=torch.float64)
-    y, final = ssd_scan_reference(chunk_size=3, **inputs)
-    grads = torch.autograd.grad((y * weights).sum() + final.sum(), list(inputs.values()))
-    y_ref, final_ref = naive_ssd(**inputs)
-    grads_ref = torch.autograd.grad((y_ref * weights).sum() + final_ref.sum(),
-                                    list(inputs.values()))
-    for name, g, g_ref in zip(inputs, grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=name)
+    inputs = _inputs(length=7)
+    compare_outputs_and_grads(lambda **kw: ssd_scan_reference(chunk_size=3, **kw),
+                              naive_ssd_scan, inputs, ("y", "final_state", *inputs),
+                              rtol=1e-9, atol=1e-9)
 
 
 def test_heads_must_group():

@@ -9,7 +9,7 @@ residual) the way the Mamba mixer does. Per tensor-parallel rank it owns whole h
   :meth:`RecurrentMixer.in_proj_parts` declares the parts, in order, with their widths;
 * a depthwise causal convolution (``conv1d_weight``/``conv1d_bias``) + SiLU on q, k, v;
 * forget gate ``f = exp(-exp(A_log) * softplus(f_in + dt_bias))`` per head and step;
-* the recurrence (``ops.m2rnn_scan``): ``h = f h + (1 - f) tanh(h W + k (x) v)``,
+* the recurrence (``ops.m2rnn``): ``h = f h + (1 - f) tanh(h W + k (x) v)``,
   ``y = q . h`` with ``W`` a per-head V x V state matrix initialised to the identity;
 * ``y + D v`` (D per head or per channel), times ``silu(g)``, an RMS norm per head or over
   the whole output, and ``out_proj`` (row parallel).
@@ -45,7 +45,7 @@ from megacpp_mcore.layers.mixer_common import (
     rank_slice,
     refuse_non_training_inputs,
 )
-from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan
+from megacpp_mcore.ops.m2rnn.dispatch import m2rnn_scan
 
 PATHS = ("fused", "reference")
 NORM_EPS = 1e-5

@@ -38,7 +38,7 @@ from megacpp_mcore.layers.mixer_common import (
     rank_slice,
     refuse_non_training_inputs,
 )
-from megacpp_mcore.ops.ssd import ssd_scan_reference
+from megacpp_mcore.ops.ssd.reference import ssd_scan_reference
 
 NORM_EPS = 1e-5  # MambaMixer's gated RMS norm epsilon
 

@@ -8,7 +8,7 @@ dd_dt | dd_A | trap | angles, ``dt_bias [h]``, ``B_bias``/``C_bias [h, rank, N]`
     DT = softplus(dd_dt + dt_bias)      ADT = -max(softplus(dd_A), A_floor) * DT
     y = mamba3_siso(Q=C_norm(C), K=B_norm(B), V=x, ADT, DT, Trap=trap, biases, angles, D, Z=z)
 
-with the scan of ``ops.mamba3_reference`` (path ``reference``) or mamba-ssm's
+with the scan of ``ops.mamba3.reference`` (path ``reference``) or mamba-ssm's
 ``mamba3_siso_combined`` (path ``fused``). Not built: the optional output norm of mamba-ssm's
 module (``is_outproj_norm``, off there by default), MIMO (refused by the spec builder: TileLang
 0.1.15 fails to compile it on H200), inference caches. Tensor parallel size 1 only (see
@@ -31,7 +31,7 @@ from megacpp_mcore.layers.mixer_common import (
     out_projection,
     refuse_non_training_inputs,
 )
-from megacpp_mcore.ops.mamba3_reference import mamba3_siso_reference
+from megacpp_mcore.ops.mamba3.reference import mamba3_siso_reference
 
 PATHS = ("fused", "reference")
 NORM_EPS = 1e-5

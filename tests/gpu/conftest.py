@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.compare import rel_err  # noqa: F401  (re-exported: the GPU tests compare with it)
+
 
 @pytest.fixture(scope="session")
 def megatron_gpu():
@@ -13,9 +15,3 @@ def megatron_gpu():
 
     init_process_groups(seed=1234)
     yield
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

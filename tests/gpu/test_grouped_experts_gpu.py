@@ -11,7 +11,7 @@ from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
 from megacpp_mcore.settings.config import PrecisionConfig
-from tests.gpu.conftest import rel_err
+from tests.compare import rel_err
 from tests.gpu.test_model_gpu import _batch, _reseed, gpu_model_config
 
 pytestmark = pytest.mark.gpu

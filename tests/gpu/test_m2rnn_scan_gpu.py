@@ -24,8 +24,9 @@ import math
 import pytest
 import torch
 
-from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan, m2rnn_scan_reference
-from tests.gpu.conftest import rel_err
+from megacpp_mcore.ops.m2rnn.dispatch import m2rnn_scan
+from megacpp_mcore.ops.m2rnn.reference import m2rnn_scan_reference
+from tests.compare import outputs_and_grads, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,10 +75,7 @@ def make_inputs(B, T, H, K, V, *, dtype=torch.bfloat16, f_kind="layer", seed=0,
 
 def run(fn, inputs, gy, gh):
     """Outputs and all input gradients for the functional <y, gy> + <h_last, gh>."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    y, h_last = fn(*xs)
-    grads = torch.autograd.grad((y, h_last), xs, (gy.to(y.dtype), gh.to(h_last.dtype)))
-    return [y.detach(), h_last.detach(), *grads]
+    return outputs_and_grads(fn, inputs, cotangents=(gy, gh))
 
 
 def parity(inputs, *, backward_chunk=64, seed=1):

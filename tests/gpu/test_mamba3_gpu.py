@@ -9,9 +9,9 @@ import torch
 from megacpp_mcore.backend import resolve_backend
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
-from megacpp_mcore.ops.mamba3_reference import mamba3_siso_reference
+from megacpp_mcore.ops.mamba3.reference import mamba3_siso_reference
 from megacpp_mcore.settings.config import MambaConfig
-from tests.gpu.conftest import rel_err
+from tests.compare import outputs_and_grads, rel_err
 from tests.gpu.test_model_gpu import BF16, FP32, _layer_outputs_and_grads, _reseed
 from tests.gpu.test_model_gpu import gpu_model_config as base_config
 
@@ -41,13 +41,6 @@ def _inputs(batch=2, length=200, heads=8, qk_heads=2, n=64, p=64, angles=16, see
     )
 
 
-def _outputs_and_grads(fn, inputs, weights):
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out = fn(**leaves)
-    (out.float() * weights).sum().backward()
-    return out.detach().float(), {k: v.grad.float() for k, v in leaves.items()}
-
-
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_fused_siso_matches_reference(megatron_gpu, chunk_size):
     from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
@@ -55,12 +48,14 @@ def test_fused_siso_matches_reference(megatron_gpu, chunk_size):
     inputs = _inputs()
     weights = torch.randn(2, 200, 8, 64, device="cuda",
                           generator=torch.Generator("cuda").manual_seed(1))
-    fused = _outputs_and_grads(
-        lambda **kw: mamba3_siso_combined(**kw, chunk_size=chunk_size), inputs, weights)
-    reference = _outputs_and_grads(
-        lambda **kw: mamba3_siso_reference(**kw, chunk_size=chunk_size), inputs, weights)
-    errors = {"output": rel_err(fused[0], reference[0])}
-    errors.update({name: rel_err(fused[1][name], reference[1][name]) for name in NAMES})
+    fused = outputs_and_grads(lambda **kw: mamba3_siso_combined(**kw, chunk_size=chunk_size),
+                              inputs, cotangents=[weights])
+    reference = outputs_and_grads(
+        lambda **kw: mamba3_siso_reference(**kw, chunk_size=chunk_size), inputs,
+        cotangents=[weights])
+    assert tuple(inputs) == NAMES
+    errors = {name: rel_err(a, b)
+              for name, a, b in zip(("output", *NAMES), fused, reference, strict=True)}
     print("mamba3 siso chunk", chunk_size, {k: f"{v:.2e}" for k, v in errors.items()})
     # bf16 operands inside the kernel (and its fast tanh/sin/cos/sigmoid approximations)
     assert max(errors.values()) < 3e-2, errors

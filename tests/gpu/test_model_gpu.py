@@ -14,7 +14,7 @@ from megacpp_mcore.settings.config import (
     PrecisionConfig,
     RecurrentConfig,
 )
-from tests.gpu.conftest import rel_err
+from tests.compare import rel_err
 
 pytestmark = pytest.mark.gpu
 BF16, FP32 = PrecisionConfig(params_dtype="bf16"), PrecisionConfig(params_dtype="fp32")
@@ -122,7 +122,7 @@ def test_fused_mixer_matches_reference(megatron_gpu, letter, precision, toleranc
 
 def test_recurrent_reference_runs_on_gpu_like_cpu(megatron_gpu):
     """The R layer's reference path on CUDA computes what it computes on CPU (fp32)."""
-    from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan
+    from megacpp_mcore.ops.m2rnn.dispatch import m2rnn_scan
 
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 2, 64, 4, 64, 16

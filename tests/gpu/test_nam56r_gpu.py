@@ -11,7 +11,7 @@ import torch
 from megacpp_mcore.backend import have_module, resolve_backend
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
-from megacpp_mcore.ops.m2rnn_scan import m2rnn_scan
+from megacpp_mcore.ops.m2rnn.dispatch import m2rnn_scan
 from megacpp_mcore.settings.config import (
     AttentionConfig,
     DSAConfig,
@@ -20,7 +20,7 @@ from megacpp_mcore.settings.config import (
     RecurrentConfig,
 )
 from megacpp_mcore.settings.recipe import load_recipe
-from tests.gpu.conftest import rel_err
+from tests.compare import rel_err
 from tests.gpu.test_model_gpu import BF16, FP32, _batch, _layer_outputs_and_grads, _reseed
 from tests.gpu.test_model_gpu import gpu_model_config as base_config
 

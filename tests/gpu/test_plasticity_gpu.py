@@ -21,8 +21,8 @@ from megacpp_mcore.plasticity.fire import FireHook
 from megacpp_mcore.plasticity.redo import RedoHook
 from megacpp_mcore.settings.config import MoEConfig, PrecisionConfig
 from megacpp_mcore.train.hooks import HookContext
+from tests.compare import rel_err
 from tests.conftest import tiny_model_config
-from tests.gpu.conftest import rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -7,8 +7,8 @@ import torch
 
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.settings.config import PrecisionConfig
+from tests.compare import rel_err
 from tests.distributed_helpers import run_distributed
-from tests.gpu.conftest import rel_err
 from tests.stp_helpers import hook_vs_explicit
 
 pytestmark = pytest.mark.gpu

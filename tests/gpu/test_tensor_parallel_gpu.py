@@ -4,8 +4,8 @@ Megatron's sequence-parallel gathers allocate on CUDA). ``pytest -m gpu tests/gp
 import pytest
 import torch
 
+from tests.compare import rel_err
 from tests.distributed_helpers import run_distributed
-from tests.gpu.conftest import rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ angle ``theta_t = sum_{s<=t} pi tanh(Angles_s) DT_s``; pairs past ``Angles``' wi
 ``lambda`` and at the next step with weight ``1 - lambda``). The chunked form folds the two
 weights into one ``scale_s = DT_s lambda_s + DT_{s+1} (1 - lambda_{s+1})`` on ``v_s k_s^T``
 and removes the next-step share from the diagonal, as the SISO kernel does;
-``ops.mamba3_naive`` is the step-by-step oracle.
+``mamba3/naive.py`` is the step-by-step oracle.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megacpp_mcore.ops.ssd import chunked_scan
+from megacpp_mcore.ops.ssd.reference import chunked_scan
 
 
 def rotate_pairs(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""The Mamba-2 SSD recurrence one step at a time: the oracle for the chunked reference."""
+"""The Mamba-2 SSD recurrence one step at a time: the oracle of the chunked reference
+(``ssd/reference.py``). Imports only torch."""
 
 from __future__ import annotations
 
 import torch
 
 
-def naive_ssd(x, dt, A, B, C, D, initial_state):
+def naive_ssd_scan(x, dt, A, B, C, D, initial_state):
     """S_t = exp(dt A) S_{t-1} + dt x_t B_t^T ; y_t = S_t C_t + D x_t, one step at a time."""
     _batch, length, heads, _ = x.shape
     per_group = heads // B.shape[2]

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the M2RNN scan (forward and backward), behind one autograd op.
 
-What it computes is documented in ``m2rnn_scan.py``; this module is the fast path.
+What it computes is documented in ``ops/m2rnn/__init__.py``; this module is the fast path.
 
 Design:
 
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megacpp_mcore.ops.m2rnn_checks import SUPPORTED_K, SUPPORTED_V, check_scan_inputs
+from megacpp_mcore.ops.m2rnn.checks import SUPPORTED_K, SUPPORTED_V, check_scan_inputs
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BACKWARD_CHUNK = 1024

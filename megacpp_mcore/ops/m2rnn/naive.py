@@ -1,12 +1,12 @@
-"""The R scan written out step by step, batch by batch, head by head: the oracle that the
-reference and fused paths are held to (slow; float64 in tests)."""
+"""The M2RNN scan written out step by step, batch by batch, head by head: the oracle that the
+reference and fused paths are held to (slow; float64 in tests). Imports only torch."""
 
 from __future__ import annotations
 
 import torch
 
 
-def naive_scan(q, k, v, f, W, h0):
+def naive_m2rnn_scan(q, k, v, f, W, h0):
     """The recurrence written out per step, per batch, per head (float64, plain loops)."""
     B, T, _, K = q.shape
     H, V = v.shape[2], v.shape[-1]

@@ -9,6 +9,7 @@ sequence into chunks of ``chunk_size``: inside a chunk the outputs are a masked,
 attention-like product (quadratic in the chunk length); the chunk-final states are passed
 from chunk to chunk by a short recurrence. It is exact (no approximation), runs anywhere and
 is differentiable by autograd; mamba-ssm's fused kernels compute the same function on GPU.
+``ssd/naive.py`` is the step-by-step oracle; ``chunked_scan`` also carries Mamba-3's scan.
 """
 
 from __future__ import annotations
