@@ -17,8 +17,8 @@ from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.model import build_model
 from megacpp_mcore.settings.config import PrecisionConfig
 from tests.checkpoint_helpers import load
+from tests.compare import rel_err
 from tests.distributed_helpers import run_distributed
-from tests.gpu.conftest import rel_err
 from tests.gpu.test_model_gpu import BF16, _batch, _reseed, gpu_model_config
 
 pytestmark = pytest.mark.gpu
@@ -31,7 +31,7 @@ def _native_model(layout, config, precision):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from megacpp_mcore.model import current_parallel, padded_vocab_size, transformer_config
-    from megacpp_mcore.symbols import NATIVE_SYMBOLS, megatron_pattern
+    from megacpp_mcore.plan import plan_layers
 
     plan = resolve_backend("te", layout)
     tconfig = transformer_config(layout, config, precision, current_parallel(), plan)
@@ -39,7 +39,7 @@ def _native_model(layout, config, precision):
         config=tconfig, hybrid_stack_spec=hybrid_stack_spec,
         vocab_size=padded_vocab_size(config.vocab_size, 1),
         max_sequence_length=config.seq_length,
-        hybrid_layer_pattern=megatron_pattern(layout, NATIVE_SYMBOLS),
+        hybrid_layer_pattern=plan_layers(layout, config, "native").megatron_pattern,
         share_embeddings_and_output_weights=config.tie_embeddings,
         position_embedding_type=config.position_embedding, rotary_base=config.rotary_base,
     )
