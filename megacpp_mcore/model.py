@@ -24,13 +24,13 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megacpp_mcore.backend import BackendPlan, resolve_backend
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layers.ngram_hash import attach_ngram_hash
-from megacpp_mcore.layout import STAGE_SEPARATOR, Layout, parse_pattern
-from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
+from megacpp_mcore.layout import Layout
+from megacpp_mcore.plan import ModelPlan, plan_layers
+from megacpp_mcore.settings.attention import LATENT, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import plugin_problems, size_problems
 from megacpp_mcore.settings.table import FIXED, SETTINGS
 from megacpp_mcore.specs.stack import build_stack_spec
-from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: activation name (model.activation) -> Megatron's activation function
@@ -150,23 +150,27 @@ def stage_problem(layout: Layout, pipeline: int, *, one_rank_builds_all: bool = 
     return None
 
 
-def built_stages(layout: Layout, pipeline: int) -> Layout:
-    """The layout as built at this pipeline size: with one pipeline rank the '|' stage marks
+def built_stages(plan: ModelPlan, pipeline: int) -> ModelPlan:
+    """The plan as built at this pipeline size: with one pipeline rank the '|' stage marks
     are dropped, so every stage is built (Megatron would otherwise build only the first)."""
-    if pipeline == 1 and len(layout.stages) > 1:
-        return parse_pattern(layout.canonical.replace(STAGE_SEPARATOR, ""))
-    return layout
+    if pipeline == 1 and len(plan.layout.stages) > 1:
+        return plan.without_stages()
+    return plan
 
 
 def model_backend(requested: str, layout: Layout, model: ModelConfig,
-                  dsa_rotate: bool | None = None) -> BackendPlan:
+                  dsa_rotate: bool | None = None, layer_plan: ModelPlan | None = None
+                  ) -> BackendPlan:
     """The backend plan for ``model``'s settings on this machine (``resolve_backend`` fed
     from the recipe: dispatcher, R head sizes, M variant, A variants, DSA rotation, R form,
-    expert kernel); ``dsa_rotate`` overrides what the recipe asks of DSA's indexer."""
+    expert kernel); ``dsa_rotate`` overrides what the recipe asks of DSA's indexer.
+    ``layer_plan`` is the per-layer plan (resolved from ``layout`` and ``model`` if not
+    given): its A variants are what the dispatcher records and checks."""
+    layer_plan = layer_plan or plan_layers(layout, model)
     return resolve_backend(
         requested, layout, moe_dispatcher=model.moe.token_dispatcher,
         r_head_dims=r_head_dims(model), mamba_variant=model.mamba.variant,
-        attention_variants=used_variants(layout, model.attention) if layout.has("A") else set(),
+        attention_variants=layer_plan.variants("A"),
         dsa_rotate=(model.attention.dsa.rotate_activation if dsa_rotate is None
                     else dsa_rotate),
         r_form=model.recurrent.form() if layout.has("R") else None,
@@ -190,8 +194,8 @@ def build_model(
     The parallel split is Megatron's current one (``sequence_parallel`` as asked). A pattern
     with '|' stages needs as many pipeline ranks as stages, or one, which builds them all.
     The model carries the dispatcher's record as ``model.backend_record`` (what each family
-    asked for and what was built). ``overrides``: stock TransformerConfig fields to set on
-    top (see :func:`transformer_config`).
+    asked for and what was built) and its per-layer plan as ``model.layer_plan``. ``overrides``:
+    stock TransformerConfig fields to set on top (see :func:`transformer_config`).
     """
     parallel = replace(current_parallel(), sequence_parallel=sequence_parallel)
     precision = precision or PrecisionConfig()
@@ -205,19 +209,18 @@ def build_model(
     problem = stage_problem(layout, parallel.pipeline)
     if problem:
         raise SpecError(problem)
-    plan = plan or model_backend(backend, layout, model)
+    layer_plan = plan_layers(layout, model)
+    plan = plan or model_backend(backend, layout, model, layer_plan=layer_plan)
+    layer_plan = layer_plan.with_paths(plan.paths())
     config = transformer_config(layout, model, precision, parallel, plan, overrides)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(
         config=config,
-        hybrid_stack_spec=build_stack_spec(layout, model, plan),
+        hybrid_stack_spec=build_stack_spec(layer_plan, model, plan),
         vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor),
         max_sequence_length=model.seq_length,
-        hybrid_layer_pattern=megatron_pattern(built_stages(layout, parallel.pipeline),
-                                              PLUGIN_SYMBOLS,
-                                              a_variants(layout, model.attention),
-                                              mtp_variant(model.attention)),
+        hybrid_layer_pattern=built_stages(layer_plan, parallel.pipeline).megatron_pattern,
         pre_process=pp_first if pre_process is None else pre_process,
         post_process=pp_last if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,
@@ -226,6 +229,7 @@ def build_model(
     )
     attach_ngram_hash(hybrid, model.ngram_hash)
     hybrid.backend_record = plan.record()
+    hybrid.layer_plan = layer_plan
     if not plan.cuda:
         from megacpp_mcore.cpu_support import adapt_model_for_cpu
 

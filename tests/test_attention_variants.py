@@ -15,12 +15,12 @@ from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import parse_pattern
 from megacpp_mcore.megatron.launcher import dsa_rotation_for_this_machine
 from megacpp_mcore.model import build_model
+from megacpp_mcore.plan import parse_plan, plan_layers
 from megacpp_mcore.settings.attention import a_variants, attention_problems
 from megacpp_mcore.settings.config import AttentionConfig, PrecisionConfig
 from megacpp_mcore.specs.attention import attention_layer_spec
 from megacpp_mcore.specs.providers import provider_for
 from megacpp_mcore.specs.stack import build_stack_submodules
-from megacpp_mcore.symbols import PLUGIN_SYMBOLS, megatron_pattern
 from tests.conftest import tiny_model_config
 from tests.megatron_helpers import mla_attention_on_cpu
 
@@ -33,7 +33,12 @@ def test_variants_by_rank_and_by_layer_agree():
     by_layer = a_variants(layout, AttentionConfig(variant="dsa", mla_layers=(1, 13)))
     assert by_rank == by_layer == {1: "mla", 5: "dsa", 9: "dsa", 13: "mla"}
     mtp = parse_pattern("AEMEAEMEAEMRA/AF/AF")
-    assert megatron_pattern(mtp, PLUGIN_SYMBOLS, by_rank, "mla") == "+EMED" + "EMED" + "EMG+/+-/+-"
+    plan = plan_layers(mtp, tiny_model_config(num_query_groups=None, attention=SEED_LIKE))
+    assert plan.megatron_pattern == "+EMED" + "EMED" + "EMG+/+-/+-"
+    assert [x.variant for x in plan.layers if x.letter == "A"] == ["mla", "dsa", "dsa", "mla"]
+    assert plan.flag.startswith("A:mla E M:mamba2 E A:dsa") and plan.flag.endswith(
+        "R:m2rnn A:mla / A:mla F / A:mla F")
+    assert parse_plan(plan.flag) == plan  # the flag carries the whole plan
 
 
 def test_problems_name_positions():

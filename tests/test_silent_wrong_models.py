@@ -16,7 +16,7 @@ from megacpp_mcore import model as model_module
 from megacpp_mcore.backend import BackendPlan, FamilyBuild, resolve_backend
 from megacpp_mcore.errors import PatternError, RecipeError, SpecError, TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout, parse_pattern
-from megacpp_mcore.megatron.spec_seam import BUILDER_MARK, stack_spec_from_megatron_args
+from megacpp_mcore.megatron.spec_seam import BUILDER_MARK, stack_spec_from_args
 from megacpp_mcore.megatron.translate import translate
 from megacpp_mcore.model import build_model, stage_problem, transformer_config
 from megacpp_mcore.receipt import load_receipt
@@ -75,7 +75,7 @@ def test_spec_seam_refuses_stages_megatron_would_build_in_part(megatron_single_p
     with parsed_megatron_args(plan, ["--use-cpu-initialization"]) as args:
         args.pipeline_model_parallel_size = 1
         with pytest.raises(SpecError, match="has 2 pipeline stages"):
-            stack_spec_from_megatron_args(args)
+            stack_spec_from_args(args)
 
 
 class _ReachedBackend(Exception):
@@ -102,14 +102,14 @@ def test_spec_seam_refuses_overlapped_grad_reduce_with_an_untrained_dsa_indexer(
         setattr(args, BUILDER_MARK, True)  # the plugin's builder (n-gram features) builds
         if coeff:  # the indexer has its loss
             with pytest.raises(_ReachedBackend):
-                stack_spec_from_megatron_args(args)
+                stack_spec_from_args(args)
         else:
             with pytest.raises(SpecError, match=r"--overlap-grad-reduce with DSA and "
                                r"--dsa-indexer-loss-coeff 0 .*drop --overlap-grad-reduce"):
-                stack_spec_from_megatron_args(args)
+                stack_spec_from_args(args)
             args.overlap_grad_reduce = False
             with pytest.raises(_ReachedBackend):
-                stack_spec_from_megatron_args(args)
+                stack_spec_from_args(args)
 
 
 # --------------------------------------------------------------------------- (b) one config

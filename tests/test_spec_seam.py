@@ -67,7 +67,7 @@ def test_spec_object_refuses_a_pattern_that_disagrees(megatron_single_process):
     plan = translate(load_recipe("tiny", ["backend=local"]), "plugin")
     with parsed_megatron_args(plan, ["--use-cpu-initialization"]) as args:
         args.hybrid_layer_pattern = "*EM-**"  # an R layer taken for attention
-        with pytest.raises(SpecError, match="does not encode --megacpp-pattern"):
+        with pytest.raises(SpecError, match="does not encode --megacpp-plan"):
             _ = megacpp_stack_spec.submodules
 
 

@@ -32,6 +32,7 @@ from megacpp_mcore.megatron.args import (
 )
 from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
 from megacpp_mcore.model import ACTIVATIONS
+from megacpp_mcore.plan import parse_plan, plan_layers
 from megacpp_mcore.settings.recipe import known_recipes, load_recipe
 from megacpp_mcore.settings.table import FIXED, SETTINGS
 from tests.megatron_helpers import megatron_parse
@@ -103,7 +104,9 @@ def assert_matches(args, config, plan):
         assert args.num_experts is None
     if plan.target == "plugin":
         assert args.spec == list(SPEC)
-        assert args.megacpp_pattern == layout.canonical
+        layer_plan = parse_plan(args.megacpp_plan)  # the plan travels whole, letters and variants
+        assert layer_plan.layout == layout
+        assert layer_plan == plan_layers(layout, recipe.model)
         assert args.megacpp_recipe_hash == recipe.recipe_hash
         assert args.megacpp_backend == recipe.backend
         parsed = model_config_from_args(args)
@@ -392,15 +395,17 @@ def test_env_and_world_size():
 
 def test_megacpp_flags_validate_their_values():
     parser = add_megacpp_args(argparse.ArgumentParser(prog="x"))
-    args = parser.parse_args(["--megacpp-pattern", "AEM|FRG/MA", "--megacpp-r-num-heads", "8"])
-    assert args.megacpp_pattern == "AEM|FRG/MA" and args.megacpp_r_num_heads == 8
+    text = "A:gqa E M:mamba2 | F R:m2rnn G / M:mamba2 A:mla"
+    args = parser.parse_args(["--megacpp-plan", text, "--megacpp-r-num-heads", "8"])
+    assert args.megacpp_plan == text and args.megacpp_r_num_heads == 8
     assert args.megacpp_r_k_head_dim == 64  # RecurrentConfig's default
     group = next(g for g in parser._action_groups if g.title == "megacpp")
     names = {s for a in group._group_actions for s in a.option_strings}
-    assert {"--megacpp-pattern", "--megacpp-recipe", "--megacpp-r-num-heads",
+    assert {"--megacpp-plan", "--megacpp-recipe", "--megacpp-r-num-heads",
             "--megacpp-r-k-head-dim", "--megacpp-r-v-head-dim", "--megacpp-r-conv-kernel",
             "--megacpp-r-backward-chunk", "--megacpp-receipt", "--megacpp-data"} <= names
-    for bad in (["--megacpp-pattern", "AEXM"], ["--megacpp-r-num-heads", "0"],
+    for bad in (["--megacpp-plan", "A:gqa X M:mamba2"], ["--megacpp-plan", "A:gqa M"],
+                ["--megacpp-plan", "A:sparse E"], ["--megacpp-r-num-heads", "0"],
                 ["--megacpp-data", "web"]):
         with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as info:
             parser.parse_args(bad)

@@ -23,8 +23,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from megacpp_mcore.errors import PatternError, RecipeError, SpecError
-from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.errors import RecipeError, SpecError
+from megacpp_mcore.plan import parse_plan
 from megacpp_mcore.settings.config import (
     DataConfig,
     MambaConfig,
@@ -137,11 +137,11 @@ def _r_heads(text: str) -> int | str:
     return value
 
 
-def _pattern(text: str) -> str:
-    """A full-length pattern in this project's letters (validated; returned as given)."""
+def _plan(text: str) -> str:
+    """A per-layer plan as ``ModelPlan.flag`` writes it (validated; returned as given)."""
     try:
-        parse_pattern(text)
-    except PatternError as err:
+        parse_plan(text)
+    except SpecError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
@@ -154,10 +154,12 @@ def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "plugin`).",
     )
     group.add_argument(
-        "--megacpp-pattern", type=_pattern, default=None, metavar="PATTERN",
-        help="the layout in this project's letters (A E M F R G, '|' stages, '/' MTP parts), "
-        "fully expanded, one letter per layer of --hybrid-layer-pattern; R layers travel in "
-        "Megatron's G slot there, and this flag tells the plugin's stack R from G.",
+        "--megacpp-plan", type=_plan, default=None, metavar="PLAN",
+        help="the per-layer plan (megacpp_mcore.plan): one token per layer of "
+        "--hybrid-layer-pattern, its letter (A E M F R G) and variant (A:gqa, A:mla, A:dsa, "
+        "M:mamba2, M:mamba3, R:m2rnn), '|' between stages and '/' before each MTP part; R "
+        "layers travel in Megatron's G slot there, and this flag tells the plugin's stack R "
+        "from G.",
     )
     group.add_argument(
         "--megacpp-recipe", default=None, metavar="PATH",

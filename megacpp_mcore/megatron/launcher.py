@@ -145,10 +145,14 @@ class RunTracker:
     """Per-process training telemetry; rank 0 of the last pipeline stage writes the receipt."""
 
     def __init__(self, args, hooks: HookList | None = None) -> None:
-        from megacpp_mcore.layout import parse_pattern
+        from megacpp_mcore.plan import parse_plan
 
         self.args = args
-        self.layout = parse_pattern(args.megacpp_pattern) if args.megacpp_pattern else None
+        #: the per-layer plan the flags carry (None: not the plugin's stack)
+        self.layer_plan = parse_plan(args.megacpp_plan) if args.megacpp_plan else None
+        self.layout = self.layer_plan.layout if self.layer_plan else None
+        #: the stack spec the model is built from (main() sets it; else Megatron's --spec)
+        self.stack_spec = None
         self.meter: IntervalMeter | None = None
         self.writer = False
         self.hooks = hooks if hooks is not None else HookList()
@@ -185,9 +189,13 @@ class RunTracker:
             from megacpp_mcore.megatron.args import model_config_from_args
 
             model_config = model_config_from_args(args)
-        flops = model_flops_per_token(self.layout, model_config) if model_config else 0.0
+        flops = model_flops_per_token(self.layer_plan, model_config) if model_config else 0.0
         peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-        record = megacpp_stack_spec.params.get("backend_record", {}) if self.layout else {}
+        spec = self.stack_spec or megacpp_stack_spec
+        record = spec.params.get("backend_record", {}) if self.layout else {}
+        if self.layer_plan is not None:  # the paths the backend chose, for the receipt
+            self.layer_plan = self.layer_plan.with_paths(
+                {letter: build["path"] for letter, build in record["families"].items()})
         receipt = None
         if self.writer:
             receipt = self._open_receipt(first_step, record, flops, peak, world)
@@ -217,7 +225,7 @@ class RunTracker:
             receipt_dir=target,
             recipe_name=Path(args.megacpp_recipe).stem if args.megacpp_recipe else None,
             recipe_hash=args.megacpp_recipe_hash,
-            layout=self.layout,
+            layout=self.layer_plan,
             backends=receipt_backends(record),
             parallel={"tensor": args.tensor_model_parallel_size,
                       "pipeline": args.pipeline_model_parallel_size,
@@ -459,6 +467,7 @@ def main() -> int:
     )
     from megatron.training.arguments import parse_and_validate_args
 
+    from megacpp_mcore.megatron.spec_seam import megacpp_stack_spec, stack_spec_from_args
     from megacpp_mcore.train.data import prepare_embedded
 
     compat.use_shipped_dataset_helpers()
@@ -473,9 +482,14 @@ def main() -> int:
         print(f"megacpp: {deviation}", file=sys.stderr, flush=True)
     model_config = with_plugin_builder(hybrid_config_from_args(args),
                                        section_from_args("model.ngram_hash", args), args)
+    if model_config.hybrid_stack_spec is megacpp_stack_spec:
+        # the seam, called explicitly with the args parsed here (Megatron's --spec object
+        # would call the same function on Megatron's global args)
+        model_config.hybrid_stack_spec = stack_spec_from_args(args)
     config = pretrain_cfg_container_from_args(args, model_config)
 
     TRACKER = RunTracker(args, hooks_from_args(args))
+    TRACKER.stack_spec = model_config.hybrid_stack_spec
     status = "completed"
     try:
         with sigterm_raises():  # torchrun passes SIGTERM on to every rank

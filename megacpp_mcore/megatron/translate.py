@@ -14,7 +14,7 @@ Two targets:
     The same flags, plus ``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec`` and the
     plugin's own flags (:mod:`megacpp_mcore.megatron.args`), so every layer, R included, is
     built by this plugin. ``--hybrid-layer-pattern`` carries R in Megatron's ``G`` slot
-    symbol and ``--megacpp-pattern`` gives the exact letter of every layer, so the plugin's
+    symbol and ``--megacpp-plan`` gives the letter and variant of every layer, so the plugin's
     stack tells R from G and never remaps silently.
 
 Output formats: ``args`` (one shell-quoted line, for ``$(...)``), ``shell`` (a runnable
@@ -34,7 +34,7 @@ from typing import Any
 from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
-from megacpp_mcore.settings.attention import LATENT, a_variants, mtp_variant, used_variants
+from megacpp_mcore.plan import ModelPlan, plan_layers
 from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
 from megacpp_mcore.settings.sizes import plugin_problems
 from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
@@ -43,7 +43,6 @@ from megacpp_mcore.symbols import (
     PLUGIN_R_SYMBOL,
     PLUGIN_SYMBOLS,
     VARIANT_SYMBOLS,
-    megatron_pattern,
 )
 
 MEGATRON_VERSION = "0.19.2"
@@ -299,13 +298,12 @@ def world_size(recipe: Recipe) -> int:
     return p.tensor * p.pipeline * math.lcm(p.context, p.expert)
 
 
-def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
+def _roles(recipe: Recipe, target: str, layer_plan: ModelPlan
+           ) -> tuple[list[dict], list[dict]]:
     layout = recipe.layout
     roles: list[dict[str, Any]] = []
     lowerings: list[dict[str, Any]] = []
-    attention = recipe.model.attention
-    built = layout if target == "plugin" else recipe.lowered_layout
-    variants = a_variants(built, attention, layout)
+    planned = {(x.mtp_part, x.number): x for x in layer_plan.all_layers}
 
     def role(layer: Layer) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -315,19 +313,16 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
             "letter": layer.letter,
             "family": layer.family,
         }
-        variant = None
-        if layer.letter == "A" or (layer.letter == "R" and recipe.r_lowering == "A"
-                                   and target == "native"):
-            variant = (variants[layer.number] if not layer.mtp_part
-                       else mtp_variant(attention))
+        built = planned[(layer.mtp_part, layer.number)]  # R already lowered (native)
+        variant = built.variant if built.letter == "A" else None
+        if variant:
             entry["attention"] = variant
         if target == "plugin":
-            entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else
-                         PLUGIN_SYMBOLS[layer.letter], built_by="plugin",
+            entry.update(symbol=built.symbol, built_by="plugin",
                          module=PLUGIN_MODULES[layer.letter], mixer=None)
             if layer.letter == "R":
                 entry["slot"] = (f"carried in Megatron's {PLUGIN_R_SYMBOL!r} slot symbol; "
-                                 "--megacpp-pattern names it R")
+                                 "--megacpp-plan names it R")
             return entry
         letter = layer.letter
         if letter == "R":
@@ -339,8 +334,7 @@ def _roles(recipe: Recipe, target: str) -> tuple[list[dict], list[dict]]:
         module, mixer = NATIVE_MODULES[letter]
         if variant in NATIVE_ATTENTION_MIXERS:
             mixer = NATIVE_ATTENTION_MIXERS[variant]
-        entry.update(symbol=VARIANT_SYMBOLS[variant] if variant else NATIVE_SYMBOLS[letter],
-                     built_by="megatron", module=module, mixer=mixer)
+        entry.update(symbol=built.symbol, built_by="megatron", module=module, mixer=mixer)
         return entry
 
     for layer in (*layout.layers, *layout.mtp_layers):
@@ -380,9 +374,9 @@ def translate(recipe: Recipe, target: str = "native",
             )
         built, symbols = recipe.lowered_layout, NATIVE_SYMBOLS
     attention = recipe.model.attention
-    pattern = megatron_pattern(built, symbols, a_variants(built, attention, layout),
-                               mtp_variant(attention))
-    latent = (used_variants(built, attention, layout) & set(LATENT)) if built.has("A") else set()
+    layer_plan = plan_layers(built, recipe.model, target, ranked=layout)
+    pattern = layer_plan.megatron_pattern
+    latent = layer_plan.latent
     uses = {letter for letter in FAMILIES if built.has(letter)}
     model, par, train, data = recipe.model, recipe.parallel, recipe.training, recipe.data
     f = _Flags()
@@ -407,8 +401,11 @@ def translate(recipe: Recipe, target: str = "native",
     if plugin:
         f.add("--spec", *SPEC, reason="the plugin's hybrid stack spec object builds every "
               "layer (Megatron imports it, does not call it)")
-        f.add("--megacpp-pattern", layout.canonical, source="pattern, depth",
-              reason="the exact letter of every layer, so the plugin's stack tells R from G")
+        f.add("--megacpp-plan", layer_plan.flag,
+              source="pattern, depth, model.attention, model.mamba.variant",
+              reason="the per-layer plan (every layer's letter and variant), carried to the "
+              "--spec seam so it is never re-derived from Megatron's symbols; it tells the "
+              "plugin's stack R from G")
 
     # ---- every setting of the table (megacpp_mcore.settings.table), in its order
     for row in SETTINGS:
@@ -486,7 +483,7 @@ def translate(recipe: Recipe, target: str = "native",
         if layout.has("R"):
             notes.append(
                 f"R layers {_numbers(layout, 'R')} travel in Megatron's {PLUGIN_R_SYMBOL!r} "
-                "slot symbol of --hybrid-layer-pattern; --megacpp-pattern says R"
+                "slot symbol of --hybrid-layer-pattern; --megacpp-plan says R"
             )
             notes.append(
                 "Megatron's own FLOP and memory estimates count layers in the G slot as Gated "
@@ -524,7 +521,7 @@ def translate(recipe: Recipe, target: str = "native",
         f"data-parallel replicas (global batch {train.global_batch_size} must divide by micro "
         f"batch {train.micro_batch_size} x data-parallel size)."
     )
-    roles, lowerings = _roles(recipe, target)
+    roles, lowerings = _roles(recipe, target, layer_plan)
     return Plan(
         recipe=recipe, target=target, megatron_pattern=pattern, flags=tuple(f.items),
         roles=tuple(roles), lowerings=tuple(lowerings), refusals=tuple(refusals),

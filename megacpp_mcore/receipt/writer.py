@@ -232,28 +232,33 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def _roles(layout: Any) -> dict[str, Any] | None:
+    """The receipt's ``pattern`` section from a per-layer plan (every layer with its variant,
+    Megatron symbol, stack slot and backend path), a Layout or a pattern string."""
     if layout is None:
         return None
     if isinstance(layout, str):
         from megacpp_mcore.layout import resolve
 
         layout = resolve(layout)
+    planned = {}
+    if hasattr(layout, "all_layers"):  # a megacpp_mcore.plan.ModelPlan
+        planned = {(x.mtp_part, x.number): x for x in layout.all_layers}
+        layout = layout.layout
+
+    def role(layer: Any) -> dict[str, Any]:
+        entry = {"number": layer.number, "letter": layer.letter, "family": layer.family}
+        built = planned.get((layer.mtp_part, layer.number))
+        if built is not None:
+            entry.update(variant=built.variant, symbol=built.symbol, slot=built.slot,
+                         path=built.path)
+        return entry
+
     return {
         "pattern": layout.canonical,
         "depth": layout.depth,
-        "roles": [
-            {"number": layer.number, "letter": layer.letter, "family": layer.family}
-            for layer in layout.layers
-        ],
-        "mtp_roles": [
-            {
-                "mtp_part": layer.mtp_part,
-                "number": layer.number,
-                "letter": layer.letter,
-                "family": layer.family,
-            }
-            for layer in layout.mtp_layers
-        ],
+        "roles": [role(layer) for layer in layout.layers],
+        "mtp_roles": [{"mtp_part": layer.mtp_part, **role(layer)}
+                      for layer in layout.mtp_layers],
     }
 
 
@@ -298,10 +303,11 @@ class Receipt:
     ) -> Receipt:
         """Start a receipt (status ``running``) and write it.
 
-        ``path`` defaults to ``receipt_dir/<run_id>.json``. ``layout`` is a Layout (or a
-        pattern string); ``backends`` maps a family to ``{"requested": ..., "observed":
-        ...}``; ``parallel`` is a ParallelConfig or a mapping; ``versions`` defaults to
-        :func:`collect_versions`; ``command_line`` to ``sys.argv``.
+        ``path`` defaults to ``receipt_dir/<run_id>.json``. ``layout`` is the per-layer plan
+        (``megacpp_mcore.plan.ModelPlan``), a Layout or a pattern string; ``backends`` maps a
+        family to ``{"requested": ..., "observed": ...}``; ``parallel`` is a ParallelConfig or a
+        mapping; ``versions`` defaults to :func:`collect_versions`; ``command_line`` to
+        ``sys.argv``.
         """
         run_id = run_id or default_run_id(recipe_name)
         if path is None:

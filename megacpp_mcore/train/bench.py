@@ -42,8 +42,8 @@ import torch
 from megacpp_mcore.errors import BenchError
 from megacpp_mcore.layout import Layout, parse_pattern
 from megacpp_mcore.model import ACTIVATIONS, DTYPES, build_model, padded_vocab_size
+from megacpp_mcore.plan import plan_layers
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
-from megacpp_mcore.symbols import NATIVE_SYMBOLS, megatron_pattern
 from megacpp_mcore.train.bench_report import (
     MAIN_RUNS,
     RoundTiming,
@@ -197,7 +197,7 @@ def build_native(layout: Layout, model: ModelConfig, precision: PrecisionConfig,
         hybrid_stack_spec=stack_spec,
         vocab_size=padded_vocab_size(model.vocab_size, 1),
         max_sequence_length=model.seq_length,
-        hybrid_layer_pattern=megatron_pattern(layout, NATIVE_SYMBOLS),
+        hybrid_layer_pattern=plan_layers(layout, model, "native").megatron_pattern,
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
@@ -612,7 +612,9 @@ class Bench:
         plan = resolve_backend("local", spec.layout, moe_dispatcher=self.model.moe.token_dispatcher)
         model = build_native(spec.layout, self.model, self.precision,
                              overrides={**spec.overrides, "use_cpu_initialization": True},
-                             stack_spec=build_stack_spec(spec.layout, self.model, plan))
+                             stack_spec=build_stack_spec(
+                                 plan_layers(spec.layout, self.model).with_paths(plan.paths()),
+                                 self.model, plan))
         return adapt_model_for_cpu(model)
 
     def runner(self, spec: Spec, model: torch.nn.Module) -> StepRunner:

@@ -73,7 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megacpp_mcore.layout import FAMILIES, Layout
-from megacpp_mcore.settings.attention import a_variants, mtp_variant
+from megacpp_mcore.plan import ModelPlan, plan_layers
 from megacpp_mcore.settings.config import ModelConfig
 
 #: training FLOPs = this x forward FLOPs (forward + backward, no recompute).
@@ -275,40 +275,42 @@ class FlopsBreakdown:
 
 
 def flops_breakdown(
-    layout: Layout,
+    layout: Layout | ModelPlan,
     model: ModelConfig,
     *,
     seq_length: int | None = None,
     vocab_size: int | None = None,
 ) -> FlopsBreakdown:
-    """Forward FLOPs per token of ``layout`` built with ``model``, by family.
+    """Forward FLOPs per token of a model built with ``model``, by family.
 
+    ``layout`` is the per-layer plan (:mod:`megacpp_mcore.plan`), or a layout, which is
+    resolved into one with ``model``: every layer is counted as the variant the plan builds.
     ``seq_length`` defaults to ``model.seq_length``; ``vocab_size`` to ``model.vocab_size``
     (pass Megatron's padded vocabulary to count the logits it really computes).
     """
-    per_letter = {
-        letter: n * layer_flops(letter, model, seq_length)
-        for letter, n in layout.counts.items()
-        if n and letter != "A"
-    }
-    if layout.has("A"):  # each A position counted as the variant it is built as
-        per_letter["A"] = sum(VARIANT_FLOPS[v](model, seq_length)
-                              for v in a_variants(layout, model.attention).values())
+    plan = layout if isinstance(layout, ModelPlan) else plan_layers(layout, model)
+
+    def flops(layer) -> float:
+        if layer.letter == "A":
+            return VARIANT_FLOPS[layer.variant](model, seq_length)
+        return layer_flops(layer.letter, model, seq_length)
+
+    per_letter = {letter: 0.0 for letter, n in plan.layout.counts.items() if n}
+    if plan.layout.has("A"):
+        per_letter.setdefault("A", 0.0)
+    for layer in plan.layers:
+        per_letter[layer.letter] += flops(layer)
     output = output_layer_flops(model, vocab_size)
-    mtp_a = VARIANT_FLOPS[mtp_variant(model.attention)](model, seq_length)
-    mtp = 0.0
-    for part in layout.mtp:
-        mtp += sum(mtp_a if letter == "A" else layer_flops(letter, model, seq_length)
-                   for letter in part)
-        mtp += mtp_projection_flops(model) + output
+    mtp = sum(flops(layer) for layer in plan.mtp_layers)
+    mtp += plan.layout.mtp_depth * (mtp_projection_flops(model) + output)
     ngram = model.ngram_hash
     embedding = (2.0 * len(ngram.orders) * ngram.tables_per_order * ngram.embed_dim
-                 * model.hidden_size * (1 + len(layout.mtp)) if ngram.enabled else 0.0)
+                 * model.hidden_size * (1 + plan.layout.mtp_depth) if ngram.enabled else 0.0)
     return FlopsBreakdown(per_letter=per_letter, output=output, mtp=mtp, embedding=embedding)
 
 
 def model_flops_per_token(
-    layout: Layout,
+    layout: Layout | ModelPlan,
     model: ModelConfig,
     *,
     seq_length: int | None = None,
