@@ -29,7 +29,7 @@ from megacpp_mcore.plan import ModelPlan, plan_layers
 from megacpp_mcore.settings.attention import LATENT, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import plugin_problems, size_problems
-from megacpp_mcore.settings.table import FIXED, SETTINGS
+from megacpp_mcore.settings.table import FIXED, config_kwargs
 from megacpp_mcore.specs.stack import build_stack_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,21 +67,18 @@ def transformer_config(
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for these settings, from the settings table.
 
-    Every row with a ``config`` field whose families the layout uses contributes its
-    field(s), then the table's fixed fields (fusions and the like, GPU-only kernels off on
-    CPU): the same values Megatron's launcher derives from the translated flags.
-    ``overrides`` sets stock ``TransformerConfig`` fields the settings do not cover (the
-    benchmark's tuned runs, e.g. ``moe_router_fusion``); they win over the above.
+    Every row with a ``config`` field whose families the layout uses (and whose feature it
+    builds: the MLA/DSA sizes only with MLA/DSA positions) contributes its field(s), then
+    the table's fixed fields (fusions and the like, GPU-only kernels off on CPU): the same
+    values Megatron's launcher derives from the translated flags. ``overrides`` sets stock
+    ``TransformerConfig`` fields the settings do not cover (the benchmark's tuned runs, e.g.
+    ``moe_router_fusion``); they win over the above.
     """
-    root = SimpleNamespace(model=model, precision=precision, parallel=parallel)
-    letters = layout.letters + "".join(layout.mtp)
-    kwargs: dict = {}
-    for row in SETTINGS:
-        if row.config and row.key.partition(".")[0] in ("model", "precision", "parallel") and (
-                row.used_by(letters)):
-            value = row.value(root)
-            kwargs.update({name: make(value, root) for name, make in row.config.items()})
-    kwargs.update({fixed.config: fixed.value(root, plan.cuda) for fixed in FIXED})
+    root = SimpleNamespace(model=model, precision=precision, parallel=parallel, layout=layout,
+                           lowered_layout=layout)
+    kwargs = config_kwargs(root, layout.letters + "".join(layout.mtp))
+    kwargs.update({fixed.config: fixed.value(root, plan.cuda) for fixed in FIXED
+                   if fixed.applies(root)})
     kwargs["activation_func"] = ACTIVATIONS[kwargs["activation_func"]]
     kwargs["params_dtype"] = DTYPES[kwargs["params_dtype"]]
     if layout.has("E"):
@@ -96,32 +93,12 @@ def transformer_config(
         is_hybrid_model=True,
         mtp_num_layers=layout.mtp_depth or None,
     )
-    # MLA/DSA positions: Megatron's MLATransformerConfig (one per model), the table's
-    # model.attention.* rows carry these as flags on the launcher path.
+    # MLA/DSA positions: Megatron's MLATransformerConfig (one per model); the sizes came from
+    # the table's model.attention.* rows above. DSA's Hadamard rotation is the machine's
+    # decision (the backend plan), not a setting's value.
     latent = used_variants(layout, model.attention) & set(LATENT) if layout.has("A") else set()
-    if latent:
-        mla, dsa = model.attention.mla, model.attention.dsa
-        kwargs.update(
-            q_lora_rank=mla.q_lora_rank,
-            kv_lora_rank=mla.kv_lora_rank,
-            qk_head_dim=mla.qk_head_dim,
-            qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
-            v_head_dim=mla.v_head_dim,
-            rope_type=mla.rope_type,
-            rotary_base=model.rotary_base,
-            # Megatron-LM's --rotary-scaling-factor default (MLATransformerConfig's own is
-            # 40): the plugin builds what the native flags build.
-            rotary_scaling_factor=1.0,
-        )
-        if "dsa" in latent:
-            kwargs.update(
-                experimental_attention_variant="dsa",
-                dsa_indexer_n_heads=dsa.indexer_heads,
-                dsa_indexer_head_dim=dsa.indexer_head_dim,
-                dsa_indexer_topk=dsa.top_k,
-                dsa_indexer_loss_coeff=dsa.indexer_loss_coeff,
-                dsa_indexer_rotate_activation=plan.dsa_rotate,
-            )
+    if "dsa" in latent:
+        kwargs["dsa_indexer_rotate_activation"] = plan.dsa_rotate
     kwargs.update(overrides or {})
     return (MLATransformerConfig if latent else TransformerConfig)(**kwargs)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.settings.config import StpConfig
-from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE
+from megacpp_mcore.settings.rules import BYTE_VOCAB_SIZE
 from megacpp_mcore.train.hooks import HookContext, TrainingHook
 
 FORMS = ("triple", "span")

@@ -304,5 +304,5 @@ def test_cli_empty_directory(tmp_path, capsys):
 
 def test_recipe_byte_vocab_agrees():
     """recipe.py keeps its own copy of the byte vocabulary size (to stay import-light)."""
-    recipe = pytest.importorskip("megacpp_mcore.settings.recipe")
+    recipe = pytest.importorskip("megacpp_mcore.settings.rules")
     assert recipe.BYTE_VOCAB_SIZE == VOCAB_SIZE

@@ -10,12 +10,9 @@ import time
 import pytest
 
 from megacpp_mcore.errors import ReceiptError, RecipeError
-from megacpp_mcore.settings.recipe import (
-    MAX_RECIPE_BYTES,
-    MAX_YAML_DEPTH,
-    load_recipe,
-    parse_override,
-)
+from megacpp_mcore.settings.overrides import parse_override
+from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.settings.yaml_text import MAX_RECIPE_BYTES, MAX_YAML_DEPTH
 from tests.test_recipe import BASE
 
 

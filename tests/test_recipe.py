@@ -12,14 +12,10 @@ from megacpp_mcore.cli.main import main
 from megacpp_mcore.errors import RecipeError
 from megacpp_mcore.paths import RECIPES_DIR
 from megacpp_mcore.settings import config
-from megacpp_mcore.settings.recipe import (
-    Recipe,
-    describe,
-    field_docs,
-    known_recipes,
-    load_recipe,
-    parse_override,
-)
+from megacpp_mcore.settings.describe import describe
+from megacpp_mcore.settings.overrides import parse_override
+from megacpp_mcore.settings.recipe import Recipe, known_recipes, load_recipe
+from megacpp_mcore.settings.schema import field_docs
 
 SHIPPED = ("nam56r", "nam56r_lite", "nam56r_quarter", "nam52", "tiny", "tiny_gdn")
 

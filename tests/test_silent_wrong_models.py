@@ -146,8 +146,9 @@ def test_build_model_and_the_launcher_make_the_same_transformer_config(name, ove
         ours = transformer_config(recipe.layout, recipe.model, recipe.precision,
                                   recipe.parallel, _gpu_plan(recipe, args))
     letters = recipe.layout.letters
-    fields = {field for row in SETTINGS if row.used_by(letters) for field in row.config}
-    fields |= {fixed.config for fixed in FIXED}
+    fields = {field for row in SETTINGS if row.used_by(letters)
+              for field in row.config_fields(recipe)}
+    fields |= {fixed.config for fixed in FIXED if fixed.applies(recipe)}
     fields |= {"num_layers", "mtp_num_layers", "transformer_impl", "bias_activation_fusion",
                "bias_dropout_fusion", "activation_func", "gated_linear_unit", "params_dtype"}
     assert len(fields) > 30

@@ -75,7 +75,7 @@ def assert_matches(args, config, plan):
         if row.key == "training.eval_iters" and recipe.training.eval_interval is None:
             want = 0  # no validation: Megatron gets --eval-iters 0
         assert row.read(args) == want, row.key
-        for name, make in row.config.items():
+        for name, make in row.config_fields(recipe).items():
             value = make(want, recipe)
             value = {"activation_func": ACTIVATIONS, "params_dtype": DTYPES}.get(
                 name, {}).get(value, value)

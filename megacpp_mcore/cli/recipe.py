@@ -8,7 +8,8 @@ import sys
 
 import yaml
 
-from megacpp_mcore.settings.recipe import describe, load_recipe
+from megacpp_mcore.settings.describe import describe
+from megacpp_mcore.settings.recipe import load_recipe
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

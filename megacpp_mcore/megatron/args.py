@@ -2,10 +2,13 @@
 
 :func:`add_megacpp_args` is an ``extra_args_provider`` for Megatron's
 ``parse_and_validate_args``: it adds one argument group, ``megacpp``, with every flag this
-plugin reads (``megacpp translate --target plugin`` emits them). Every ``--megacpp-*`` row
-of the settings table (:mod:`megacpp_mcore.settings.table`) is registered from the table, with
-its default and help text from the settings dataclasses (each field is documented once,
-there) and its check; a new plugin setting is a table row, not code here.
+plugin reads (``megacpp translate --target plugin`` emits them). Every ``--megacpp-*`` flag
+is a row of the settings table (:mod:`megacpp_mcore.settings.table`: the settings' rows and
+the recipe-level and provenance :data:`~megacpp_mcore.settings.table.RECIPE_ROWS`) and is
+registered from it, with its type, default, help text (the field's attribute docstring) and
+check from the settings dataclasses (:mod:`megacpp_mcore.settings.schema`), and the few
+argparse details a field's type does not say from the row or the field's metadata; a new
+plugin setting is a table row, not code here.
 
 The readers turn Megatron's parsed ``args`` back into this project's settings, row by row
 of the same table: :func:`section_from_args`, :func:`recurrent_config_from_args`,
@@ -21,120 +24,41 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from megacpp_mcore.errors import RecipeError, SpecError
 from megacpp_mcore.plan import parse_plan
 from megacpp_mcore.settings.config import (
-    DataConfig,
     MambaConfig,
     ModelConfig,
     PlasticityConfig,
     RecurrentConfig,
     StpConfig,
 )
-from megacpp_mcore.settings.recipe import BACKENDS, Recipe, field_docs
-from megacpp_mcore.settings.table import AUTO_HEADS, BY_KEY, plugin_rows, value_problem
+from megacpp_mcore.settings.recipe import Recipe
+from megacpp_mcore.settings.schema import (
+    FieldError,
+    coerce,
+    field_docs,
+    scalar_type,
+    strip_optional,
+)
+from megacpp_mcore.settings.table import BY_KEY, plugin_rows
 from megacpp_mcore.settings.table import rows as table_rows
 
 GROUP = "megacpp"
 
 
-def _field(key: str) -> tuple[type, dataclasses.Field, Any]:
-    """The settings dataclass, field and type hint of a recipe key path."""
+def _field(key: str) -> tuple[type, dataclasses.Field | None, Any]:
+    """The settings dataclass, field (None for a property, e.g. ``recipe_hash``) and type
+    hint of a recipe key path."""
     cls: Any = Recipe
     parts = key.split(".")
     for part in parts[:-1]:
-        cls = typing.get_type_hints(cls)[part]
-    f = next(f for f in dataclasses.fields(cls) if f.name == parts[-1])
-    return cls, f, typing.get_type_hints(cls)[parts[-1]]
-
-
-def _registered_rows() -> tuple:
-    """Plugin rows registered from the table (all but those registered by hand below)."""
-    return tuple(row for row in plugin_rows() if row.register)
-
-
-def register_row(group: Any, row: Any) -> None:
-    """Add one table row's ``--megacpp-*`` flag: a switch for a boolean, choices for a
-    literal, else a typed value checked by the row's check; default and help from the
-    settings dataclass."""
-    cls, f, tp = _field(row.key)
-    family = f" ({row.families} layers)" if row.families else ""
-    default = f.default if f.default is not dataclasses.MISSING else None
-    help_text = f"{row.key}{family}: {field_docs(cls).get(f.name, '')} (default {default})"
-    plain = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if (
-        _optional(tp)) else tp
-    if row.kind == "switch":
-        group.add_argument(row.flag, action="store_true", help=help_text)
-    elif typing.get_origin(plain) is typing.Literal:
-        group.add_argument(row.flag, choices=typing.get_args(plain), default=default,
-                           help=help_text)
-    elif typing.get_origin(plain) is tuple:  # a list: one value per item, each checked
-        item = typing.get_args(plain)[0]
-        group.add_argument(row.flag, type=_parser_for(row.key, item), nargs="*",
-                           default=list(default), metavar="VALUE", help=help_text)
-    else:
-        group.add_argument(row.flag, type=_parser_for(row.key, plain), default=default,
-                           metavar="VALUE", help=help_text)
-
-
-#: the plasticity sections; every field is one table row whose flag is
-#: --megacpp-plasticity-SECTION-FIELD (underscores as dashes).
-PLASTICITY_SECTIONS = ("fire", "dash", "redo")
-
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _parser_for(key: str, tp: Any):
-    """argparse type for a table row: the field's scalar type, then the row's check (an
-    ``int | Literal[...]`` item, as FIRE's steps or phase names, takes either)."""
-    names = [a for t in typing.get_args(tp) if typing.get_origin(t) is typing.Literal
-             for a in typing.get_args(t)]
-    if names:
-        number = _parser_for(key, int)
-
-        def number_or_name(text: str) -> Any:
-            if text in names:
-                return text
-            if not text.lstrip("-").isdigit():
-                raise argparse.ArgumentTypeError(
-                    f"{key}: expected an integer or one of {', '.join(names)}, got {text!r}")
-            return number(text)
-
-        return number_or_name
-    kind = int if tp is int else float if tp is float else str
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{key}: expected {kind.__name__}, got {text!r}") from None
-        problem = value_problem(key, value)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{key}: {problem}")
-        return value
-
-    return parse
-
-
-def _r_heads(text: str) -> int | str:
-    """R heads: a positive integer, or 'auto' (hidden_size // (k_head_dim + v_head_dim))."""
-    if text == AUTO_HEADS:
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"model.recurrent.num_heads: expected int or {AUTO_HEADS!r}, got {text!r}") from None
-    problem = value_problem("model.recurrent.num_heads", value)
-    if problem:
-        raise argparse.ArgumentTypeError(f"model.recurrent.num_heads: {problem}")
-    return value
+        cls = typing.get_type_hints(cls, include_extras=True)[part]
+    f = next((f for f in dataclasses.fields(cls) if f.name == parts[-1]), None)
+    return cls, f, typing.get_type_hints(cls, include_extras=True).get(parts[-1], str)
 
 
 def _plan(text: str) -> str:
@@ -146,57 +70,105 @@ def _plan(text: str) -> str:
     return text
 
 
+#: argparse types the settings package cannot name: the per-layer plan's parser sits above
+#: it (megacpp_mcore.plan reads the settings), by row key.
+ROW_TYPES: dict[str, Callable[[str], Any]] = {"pattern": _plan}
+
+
+def _parser_for(key: str, tp: Any, null_token: str | None = None) -> Callable[[str], Any]:
+    """argparse type for a row's value (or list item) of field type ``tp``: the text read
+    as the field's scalar type, then checked by the type engine (its range); an
+    ``int | Literal[...]`` item (FIRE's steps or phase names) takes either; ``null_token``
+    (field metadata) stands for null."""
+    names = [a for t in typing.get_args(tp) if typing.get_origin(t) is typing.Literal
+             for a in typing.get_args(t)]
+    plain = scalar_type(tp)
+    kind = int if names or plain is int else float if plain is float else str
+
+    def parse(text: str) -> Any:
+        if text in names or (null_token is not None and text == null_token):
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = f"an integer or one of {', '.join(names)}" if names else (
+                f"{kind.__name__} or {null_token!r}" if null_token else kind.__name__)
+            raise argparse.ArgumentTypeError(
+                f"{key}: expected {expected}, got {text!r}") from None
+        try:
+            return coerce(value, tp, key)
+        except FieldError as err:
+            raise argparse.ArgumentTypeError(f"{key}: {err.problem}") from None
+
+    return parse
+
+
+#: row kinds whose flag the translator writes from the recipe as a whole (no field default)
+_RECIPE_KINDS = ("recipe", "provenance")
+
+
+def _help(row: Any, cls: type, f: dataclasses.Field | None, default: Any) -> str:
+    if row.kind in _RECIPE_KINDS:
+        return f"{row.reason}."
+    family = f" ({row.families} layers)" if row.families else ""
+    return f"{row.key}{family}: {field_docs(cls).get(f.name, '')} (default {default})"
+
+
+def register_row(group: Any, row: Any) -> None:
+    """Add one table row's ``--megacpp-*`` flag: a switch for a boolean, ``true|false`` for
+    a truth row, choices for a literal, else a typed value checked by the field's type;
+    default and help from the settings dataclass, argparse details (``metavar``,
+    ``default``) from the row and the field's metadata."""
+    cls, f, tp = _field(row.key)
+    field_default = None if f is None or f.default is dataclasses.MISSING or (
+        row.kind in _RECIPE_KINDS) else f.default
+    default = row.argparse.get("default", field_default)
+    help_text = _help(row, cls, f, ("true" if field_default else "false") if (
+        row.kind == "truth") else field_default)
+    metadata = f.metadata if f is not None else {}
+    plain = strip_optional(tp)
+    if row.kind == "switch":
+        group.add_argument(row.flag, action="store_true", help=help_text)
+        return
+    kwargs: dict[str, Any] = {"default": default, "help": help_text}
+    if row.kind == "truth":
+        kwargs.update(choices=("true", "false"),
+                      default="true" if field_default else "false")
+    elif row.key in ROW_TYPES:
+        kwargs.update(type=ROW_TYPES[row.key])
+    elif typing.get_origin(scalar_type(plain)) is typing.Literal:
+        kwargs.update(choices=typing.get_args(scalar_type(plain)))
+    elif typing.get_origin(scalar_type(plain)) is tuple:  # a list: one value per item
+        item = typing.get_args(scalar_type(plain))[0]
+        kwargs.update(type=_parser_for(row.key, item), nargs="*", default=list(default),
+                      metavar="VALUE")
+    else:
+        null_token = metadata.get("null_token")
+        kwargs.update(type=_parser_for(row.key, tp, null_token),
+                      metavar=f"N|{null_token}" if null_token else "VALUE")
+    kwargs.update({k: v for k, v in row.argparse.items() if k != "default"})
+    group.add_argument(row.flag, **kwargs)
+
+
+#: the plasticity sections; every field is one table row whose flag is
+#: --megacpp-plasticity-SECTION-FIELD (underscores as dashes).
+PLASTICITY_SECTIONS = ("fire", "dash", "redo")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def add_megacpp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``megacpp`` argument group to Megatron's parser (an extra_args_provider)."""
+    """Add the ``megacpp`` argument group to Megatron's parser (an extra_args_provider):
+    one flag per ``--megacpp-*`` row of the settings table."""
     group = parser.add_argument_group(
         title=GROUP,
         description="megacpp-mcore plugin settings (emitted by `megacpp translate --target "
         "plugin`).",
     )
-    group.add_argument(
-        "--megacpp-plan", type=_plan, default=None, metavar="PLAN",
-        help="the per-layer plan (megacpp_mcore.plan): one token per layer of "
-        "--hybrid-layer-pattern, its letter (A E M F R G) and variant (A:gqa, A:mla, A:dsa, "
-        "M:mamba2, M:mamba3, R:m2rnn), '|' between stages and '/' before each MTP part; R "
-        "layers travel in Megatron's G slot there, and this flag tells the plugin's stack R "
-        "from G.",
-    )
-    group.add_argument(
-        "--megacpp-recipe", default=None, metavar="PATH",
-        help="the recipe the flags were translated from (provenance for receipts; the flags "
-        "themselves are authoritative).",
-    )
-    group.add_argument(
-        "--megacpp-recipe-hash", default=None, metavar="SHA256",
-        help="sha256 of the fully resolved recipe (overrides included), for receipts.",
-    )
-    group.add_argument(
-        "--megacpp-backend", choices=BACKENDS, default=None,
-        help="the backend the recipe asked for (auto, te or local); --transformer-impl is "
-        "what Megatron builds. Recorded in receipts next to what actually ran.",
-    )
-    for row in _registered_rows():
+    for row in plugin_rows():
         register_row(group, row)
-    docs = field_docs(RecurrentConfig)
-    group.add_argument(
-        "--megacpp-r-num-heads", type=_r_heads, default=RecurrentConfig.num_heads,
-        metavar=f"N|{AUTO_HEADS}",
-        help=f"model.recurrent.num_heads (R layers): {docs['num_heads']} ('{AUTO_HEADS}' for "
-        f"null; default {RecurrentConfig.num_heads})")
-    group.add_argument(
-        "--megacpp-r-forget-bf16", choices=("true", "false"), default="false",
-        help=f"model.recurrent.forget_bf16 (R layers): {docs['forget_bf16']} (default false)")
-    group.add_argument(
-        "--megacpp-receipt", default=None, metavar="PATH",
-        help="where the run receipt (JSON) is written; a path ending in '/' is a folder that "
-        "receives one new file per run.",
-    )
-    group.add_argument(
-        "--megacpp-data", choices=_literal_values(DataConfig, "source"), default=None,
-        help="the training data source: " + field_docs(DataConfig)["source"]
-        + " (mock and path also have Megatron's own --mock-data / --data-path; embedded "
-        "exists only here).",
-    )
     return parser
 
 
@@ -209,10 +181,6 @@ def plasticity_config_from_args(args: Any) -> PlasticityConfig:
     """The plasticity section from Megatron's parsed args (``--megacpp-plasticity-*``)."""
     return section_from_args("plasticity", args, **{
         name: section_from_args(f"plasticity.{name}", args) for name in PLASTICITY_SECTIONS})
-
-
-def _hint(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
 
 
 def _megacpp(args: Any, flag: str) -> Any:
@@ -242,21 +210,17 @@ def section_from_args(prefix: str, args: Any, **nested: Any) -> Any:
             _megacpp(args, row.flag)  # the plugin's flags must have been registered
         value = row.read(args)
         _, f, tp = _field(row.key)
-        if value is None and not _optional(tp):
+        if value is None and strip_optional(tp) is tp:
             value = f.default
         kwargs[row.name] = value
     try:
         return cls(**kwargs)
     except RecipeError as err:
-        key = str(err).partition(":")[0]
+        key = err.key if isinstance(err, FieldError) else str(err).partition(":")[0]
         row = BY_KEY.get(key)
         flag = (row.flag or ", ".join(f for f in row.choices.values() if f)) if row else None
         raise SpecError(f"Megatron's args ({flag or key}) give a setting this project cannot "
                         f"build: {err}") from None
-
-
-def _optional(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
 
 
 def recurrent_config_from_args(args: Any) -> RecurrentConfig:
@@ -267,13 +231,6 @@ def recurrent_config_from_args(args: Any) -> RecurrentConfig:
 def mamba_config_from_args(args: Any) -> MambaConfig:
     """The Mamba-2 settings: Megatron's ``--mamba-*`` plus the plugin's ``--megacpp-mamba-*``."""
     return section_from_args("model.mamba", args)
-
-
-def _literal_values(cls: type, name: str) -> tuple[Any, ...]:
-    tp = typing.get_type_hints(cls)[name]
-    if typing.get_origin(tp) is not typing.Literal:  # Literal[...] | None
-        tp = next(a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal)
-    return typing.get_args(tp)
 
 
 def model_config_from_args(args: Any) -> ModelConfig:

@@ -35,7 +35,8 @@ from megacpp_mcore import __version__
 from megacpp_mcore.errors import TranslateError
 from megacpp_mcore.layout import FAMILIES, Layer, Layout
 from megacpp_mcore.plan import ModelPlan, plan_layers
-from megacpp_mcore.settings.recipe import BYTE_VOCAB_SIZE, Recipe
+from megacpp_mcore.settings.recipe import Recipe
+from megacpp_mcore.settings.rules import BYTE_VOCAB_SIZE
 from megacpp_mcore.settings.sizes import plugin_problems
 from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
 from megacpp_mcore.symbols import (

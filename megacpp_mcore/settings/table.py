@@ -1,70 +1,50 @@
-"""The one table of settings: each setting written once, read by everything that maps it.
+"""The one table of settings: how each setting reaches Megatron-LM.
 
 A row (:class:`Setting`) says, for one recipe key (``model.moe.top_k``): the flag that carries
 it to Megatron-LM (a stock flag, the plugin's own ``--megacpp-*`` flag, or none where it
-lives in the pattern), the ``TransformerConfig`` field(s) it becomes, the attribute it is read
-back from in Megatron's parsed args, the block families that use it, and its check. The
-readers of this table are:
+lives in the pattern), how the flag carries the value (``kind``, ``choices``, ``emit``), the
+``TransformerConfig`` field(s) it becomes (``config``, with ``config_when`` where only some
+layouts build the feature), the attribute it is read back from in Megatron's parsed args, the
+block families that use it, and what the native target omits or refuses. What a setting
+*is* (its type, range, default and doc) is written on its field in ``config.py``; the table
+never checks a value. The readers of this table are:
 
-* ``megatron/translate.py`` emits flags from :attr:`Setting.flag` (via :func:`flags_for`);
-* ``model.py`` builds ``TransformerConfig`` kwargs from :attr:`Setting.config` and the
+* ``megatron/translate.py`` emits flags from :attr:`Setting.flag` (via :meth:`Setting.flags`);
+* ``model.py`` builds ``TransformerConfig`` kwargs with :func:`config_kwargs` and the
   :data:`FIXED` rows;
-* ``megatron/args.py`` registers every ``--megacpp-*`` flag and reads settings back from
-  Megatron's args (:meth:`Setting.read`);
-* ``settings/config.py`` runs :func:`value_problem` in every dataclass's ``__post_init__``,
-  so a setting is checked on every construction path (YAML, Python, Megatron's ``--spec``
-  seam), not only when a recipe file is loaded;
+* ``megatron/args.py`` registers every ``--megacpp-*`` flag (:func:`plugin_rows`: the
+  settings' rows and the :data:`RECIPE_ROWS` of the recipe's top level and provenance) and
+  reads settings back from Megatron's args (:meth:`Setting.read`);
 * the tests compare Megatron's parsed args and ``TransformerConfig`` against every row.
-
-Validation sits in ``__post_init__`` of plain frozen dataclasses rather than pydantic v2
-dataclasses: pydantic is not a dependency of Megatron-Core, the rules are a handful of
-ranges per key, and the strict YAML loader keeps its own messages (file and ``--set``
-origin) while the same rule objects guard direct construction.
 
 Adding a setting (plasticity and STP sections come next):
 
-1. add the field to its dataclass in ``config.py``, documented in its ``Attributes:`` list;
-2. add one row here: ``Setting("plasticity.fire_every", flag="--megacpp-fire-every",
-   check=POSITIVE)``. A ``--megacpp-*`` flag is registered with Megatron's parser and read
-   back automatically (a switch for a bool, choices for a literal, else a value checked by
-   the row's check); a row whose flag is the plugin's own *needs the plugin*: the native
-   target refuses the recipe when the row emits it (emit nothing while the feature is off,
-   via ``emit``), unless ``stock`` names the value stock Megatron hard-codes and the recipe
-   uses it;
+1. add the field to its dataclass in ``config.py``, with its doc (the string under it) and,
+   when its range is not the default one (integers >= 1, numbers finite), an ``Annotated``
+   type from ``schema.py`` (``NonNegativeInt``, ``UnitFloat``, ...);
+2. add one row here: ``Setting("plasticity.fire_every", flag="--megacpp-fire-every")``. A
+   ``--megacpp-*`` flag is registered with Megatron's parser and read back automatically (a
+   switch for a bool, choices for a literal, else a value checked by the field's type); a
+   row whose flag is the plugin's own *needs the plugin*: the native target refuses the
+   recipe when the row emits it (emit nothing while the feature is off, via ``active``),
+   unless ``stock`` names the value stock Megatron hard-codes and the recipe uses it;
 3. if the setting reaches ``TransformerConfig``, name the field(s) in ``config``.
 
-Pure Python: nothing here imports torch, Megatron or the config dataclasses.
+Pure Python: nothing here imports torch or Megatron.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from megacpp_mcore.settings.attention import LATENT, used_variants
+from megacpp_mcore.settings.config import AUTO_HEADS, DSAConfig, MLAConfig
+
 #: the prefix of every flag the plugin itself adds to Megatron's parser.
 PLUGIN_FLAG_PREFIX = "--megacpp-"
-
-
-# --------------------------------------------------------------------------- checks
-
-
-@dataclass(frozen=True)
-class Check:
-    """A single-value rule: ``rule`` is what messages show ("> 0"), ``ok`` decides."""
-
-    rule: str
-    ok: Callable[[Any], bool]
-
-
-POSITIVE = Check("a positive integer (>= 1)", lambda v: v >= 1)
-NON_NEGATIVE = Check(">= 0", lambda v: v >= 0)
-GREATER_THAN_ZERO = Check("> 0", lambda v: v > 0)
-UNIT = Check("in [0, 1)", lambda v: 0.0 <= v < 1.0)
-CLIP = Check(">= 0 (0 disables clipping)", lambda v: v >= 0)
 
 
 # --------------------------------------------------------------------------- rows
@@ -77,22 +57,27 @@ def _same(value: Any, root: Any) -> Any:
 @dataclass(frozen=True, eq=False)
 class Setting:
     """One setting: recipe key, Megatron flag, TransformerConfig field(s), args attribute,
-    families, check.
+    families.
 
     ``kind`` says how the flag carries the value: ``value`` (``--flag VALUE``, nothing for
     null; a list as ``--flag V1 V2 ...``, nothing when empty), ``switch`` (``--flag`` when
     true), ``negated`` (``--flag`` when false) or ``choice`` (``choices`` maps each value to
-    its flag, None: Megatron's default, no flag). ``active(root)`` false: the setting's
-    feature is off and it travels in no flag (nothing for the native target to refuse).
+    its flag, None: Megatron's default, no flag), ``truth`` (``--flag true|false``), and, in
+    :data:`RECIPE_ROWS` only, ``recipe`` and ``provenance`` (``--flag VALUE`` written by the
+    translator from the layout, the backend choice or the recipe file). ``active(root)``
+    false: the setting's feature is off and it travels in no flag (nothing for the native
+    target to refuse).
     ``emit`` replaces that for the few settings with a conditional or multi-flag form: it
     gets ``(value, root)`` (``root`` has the recipe's sections as attributes) and returns
     ``[(flag, *values), ...]``. ``read`` replaces the default read-back from args.
     ``config`` maps TransformerConfig field -> ``f(value, root)`` (pure Python values; the
-    model builder turns activation and dtype names into torch objects). A plugin flag is
+    model builder turns activation and dtype names into torch objects); ``config_when(root)``
+    false: the layout does not build the feature, and the row sets no field. A plugin flag is
     refused by the native target unless the value is ``stock`` (what stock Megatron
     hard-codes) or ``native_omits`` says why a native run does without it; ``native_hint``
-    is the way out the refusal names. ``register`` False: megatron/args.py adds the plugin
-    flag by hand (its parsed form differs from the field's).
+    is the way out the refusal names. ``argparse`` holds what registering a plugin flag
+    takes beyond the field's type, default and doc (``metavar``, ``default``); ``of(root)``
+    is the value the flag carries where it is not the key's own (the expanded layout).
     """
 
     key: str
@@ -102,7 +87,7 @@ class Setting:
     attr: str | None = None
     config: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
     families: str = ""
-    check: Check | None = None
+    config_when: Callable[[Any], bool] | None = None
     reason: str | None = None
     stock: Any = None
     emit: Callable[[Any, Any], list[tuple]] | None = None
@@ -110,7 +95,8 @@ class Setting:
     read_args: Callable[[Any], Any] | None = None
     native_omits: str | None = None
     native_hint: str | None = None
-    register: bool = True
+    argparse: dict[str, Any] = field(default_factory=dict)
+    of: Callable[[Any], Any] | None = None
 
     @property
     def section(self) -> str:
@@ -134,6 +120,8 @@ class Setting:
 
     def value(self, root: Any) -> Any:
         """This setting's value in ``root`` (an object with the recipe's sections)."""
+        if self.of is not None:
+            return self.of(root)
         node = root
         for part in self.key.split("."):
             node = getattr(node, part)
@@ -142,6 +130,13 @@ class Setting:
     def used_by(self, letters: Iterable[str]) -> bool:
         """Whether a model with these block letters uses this setting."""
         return not self.families or any(x in self.families for x in letters)
+
+    def config_fields(self, root: Any) -> dict[str, Callable[[Any, Any], Any]]:
+        """The TransformerConfig fields this row sets for ``root`` (none where the layout
+        does not build its feature)."""
+        if self.config_when is not None and not self.config_when(root):
+            return {}
+        return self.config
 
     def flags(self, root: Any) -> list[tuple]:
         """``[(flag, *values), ...]`` this setting emits for ``root``."""
@@ -160,6 +155,10 @@ class Setting:
             return [(self.flag,)] if value else []
         if self.kind == "negated":
             return [] if value else [(self.flag,)]
+        if self.kind == "truth":
+            return [(self.flag, "true" if value else "false")]
+        if self.kind in ("recipe", "provenance"):
+            return [] if value is None else [(self.flag, value)]
         flag = self.choices[value]
         return [] if flag is None else [(flag,)]
 
@@ -179,6 +178,8 @@ class Setting:
             return bool(raw)
         if self.kind == "negated":
             return not raw
+        if self.kind == "truth":
+            return raw == "true"
         return raw
 
 
@@ -188,7 +189,8 @@ class Fixed:
     same way in Megatron's launcher path (None: Megatron's default already agrees).
 
     ``value(root, cuda)`` gives the field's value; ``cuda`` is whether the model is built
-    on a GPU (some fused kernels exist only there).
+    on a GPU (some fused kernels exist only there). ``when(root)`` false: the layout does not
+    build what the field configures (MLA), and it is not set.
     """
 
     config: str
@@ -196,6 +198,11 @@ class Fixed:
     value: Callable[[Any, bool], Any]
     reason: str
     plugin_only_flag: bool = False
+    when: Callable[[Any], bool] | None = None
+
+    def applies(self, root: Any) -> bool:
+        """Whether the field is set for ``root``."""
+        return self.when is None or self.when(root)
 
 
 def _dest(flag: str) -> str:
@@ -315,9 +322,9 @@ def _none(value: Any, root: Any) -> list[tuple]:
     return []
 
 
-def _stp_row(name: str, flag: str, check: Check | None = None, **kwargs: Any) -> Setting:
+def _stp_row(name: str, flag: str, **kwargs: Any) -> Setting:
     """An STP setting: it travels only while STP is on."""
-    return Setting(f"stp.{name}", flag, check=check, active=lambda root: root.stp.enabled,
+    return Setting(f"stp.{name}", flag, active=lambda root: root.stp.enabled,
                    native_omits="STP needs the plugin (stp.enabled is refused by --target "
                    "native)", **kwargs)
 
@@ -330,12 +337,12 @@ def _mamba3_row(name: str, flag: str, kind: str = "value", **kwargs: Any) -> Set
                    "--target native)", **kwargs)
 
 
-def _ngram_row(name: str, kind: str = "value", check: Check | None = None) -> Setting:
+def _ngram_row(name: str, kind: str = "value") -> Setting:
     """An n-gram hash setting: it travels only while the features are enabled."""
     flag = "--megacpp-ngram-hash" + ("" if name == "enabled" else "-" + name.replace("_", "-"))
     omits = None if name == "enabled" else (
         "an n-gram hash setting (model.ngram_hash.enabled is refused by --target native)")
-    return Setting(f"model.ngram_hash.{name}", flag, kind=kind, check=check,
+    return Setting(f"model.ngram_hash.{name}", flag, kind=kind,
                    active=lambda root: root.model.ngram_hash.enabled,
                    stock=False if name == "enabled" else None, native_omits=omits,
                    reason="the plugin's embedding extension (layers/ngram_hash.py)")
@@ -349,8 +356,6 @@ _SYMBOL_VARIANTS = {"*": "gqa", "+": "mla", "D": "dsa"}
 
 def _latent(root: Any) -> set[str]:
     """The multi-latent variants (mla, dsa) the recipe ``root`` builds (native or plugin)."""
-    from megacpp_mcore.settings.attention import LATENT, used_variants
-
     built = root.lowered_layout
     if not built.has("A"):
         return set()
@@ -379,22 +384,29 @@ def _attention_from_args(args: Any) -> dict[str, Any]:
 
 def _attention_row(name: str) -> Setting:
     return Setting(f"model.attention.{name}", emit=_none, families="A",
-                   check=NON_NEGATIVE if name.endswith("_ranks") else None,
                    read_args=lambda a: _attention_from_args(a)[name])
 
 
 def _section_default(section: str, name: str) -> Any:
-    from megacpp_mcore.settings import config
-
-    cls = {"mla": config.MLAConfig, "dsa": config.DSAConfig}[section]
+    cls = {"mla": MLAConfig, "dsa": DSAConfig}[section]
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def _builds_mla(root: Any) -> bool:
+    """The recipe ``root`` builds Megatron's MLA (mla or dsa positions)."""
+    return bool(_latent(root))
+
+
+def _builds_dsa(root: Any) -> bool:
+    """The recipe ``root`` builds DSA positions."""
+    return "dsa" in _latent(root)
+
+
 def _latent_row(section: str, name: str, flag: str, attr: str | None = None,
-                kind: str = "value") -> Setting:
+                kind: str = "value", config: str | None = None) -> Setting:
     """An MLA (section mla: every mla/dsa model) or DSA (section dsa) size: its Megatron
-    flag is emitted only when the layout builds that variant; read back as the default
-    when Megatron's args do not build it."""
+    flag is emitted, and its TransformerConfig field ``config`` set, only when the layout
+    builds that variant; read back as the default when Megatron's args do not build it."""
     needs = {"mla": {"mla", "dsa"}, "dsa": {"dsa"}}[section]
     dest = attr or flag.lstrip("-").replace("-", "_")
 
@@ -420,8 +432,8 @@ def _latent_row(section: str, name: str, flag: str, attr: str | None = None,
         return raw
 
     return Setting(f"model.attention.{section}.{name}", flag, kind=kind, families="A",
-                   emit=emit, read_args=read,
-                   check=NON_NEGATIVE if name == "indexer_loss_coeff" else None)
+                   emit=emit, read_args=read, config={config: _same} if config else {},
+                   config_when=_builds_mla if section == "mla" else _builds_dsa)
 
 
 def _multi_latent_flags(value: Any, root: Any) -> list[tuple]:
@@ -434,19 +446,11 @@ def _multi_latent_flags(value: Any, root: Any) -> list[tuple]:
 
 # R (plugin) rows with non-scalar flag values ----------------------------------------
 
-#: the value --megacpp-r-num-heads takes for num_heads null (hidden // (K + V))
-AUTO_HEADS = "auto"
-
-
 def _r_heads_flags(value: Any, root: Any) -> list[tuple]:
     return [("--megacpp-r-num-heads", AUTO_HEADS if value is None else value)]
 
 
-def _bool_value_flags(flag: str) -> Callable[[Any, Any], list[tuple]]:
-    return lambda value, root: [(flag, "true" if value else "false")]
-
-
-def _plasticity_row(section: str, name: str, check: Check | None = None) -> Setting:
+def _plasticity_row(section: str, name: str) -> Setting:
     """A plasticity setting: it travels only while its tool is scheduled (a step list for
     FIRE, a cadence for DASH and ReDo)."""
 
@@ -455,12 +459,9 @@ def _plasticity_row(section: str, name: str, check: Check | None = None) -> Sett
         return bool(tool.steps) if section == "fire" else tool.every is not None
 
     return Setting(f"plasticity.{section}.{name}",
-                   f"--megacpp-plasticity-{section}-{name.replace('_', '-')}", check=check,
+                   f"--megacpp-plasticity-{section}-{name.replace('_', '-')}",
                    active=scheduled,
                    reason="the plugin's training hooks (megacpp_mcore/plasticity/)")
-
-
-_UNIT_OPEN_LOW = Check("in (0, 1]", lambda v: 0 < v <= 1)
 
 
 _DEFAULT_DROPOUT = "explicit: Megatron's default is 0.1"
@@ -471,8 +472,8 @@ _MAMBA_PLUGIN = "Megatron has no flag for it; the plugin's Mamba-2 mixer reads i
 #: here; the translator emits them from the layout.
 SETTINGS: tuple[Setting, ...] = (
     # ---- the recipe's top level (flags come from the layout and the backend)
-    Setting("depth", check=POSITIVE),
-    Setting("mtp_depths", check=NON_NEGATIVE),
+    Setting("depth"),
+    Setting("mtp_depths"),
     # ---- model shape (every model)
     Setting("model.hidden_size", "--hidden-size", config={"hidden_size": _same}),
     Setting("model.ffn_hidden_size", "--ffn-hidden-size", config={"ffn_hidden_size": _same}),
@@ -489,37 +490,40 @@ SETTINGS: tuple[Setting, ...] = (
             reason="the longest position is the training sequence length"),
     Setting("model.position_embedding", "--position-embedding-type",
             attr="position_embedding_type"),
-    Setting("model.rotary_base", "--rotary-base", emit=_rotary_flags),
+    Setting("model.rotary_base", "--rotary-base", emit=_rotary_flags,
+            config={"rotary_base": _same}, config_when=_builds_mla),  # MLA's config has it
     Setting("model.activation", kind="choice",
             choices={"swiglu": "--swiglu", "squared_relu": "--squared-relu", "gelu": None},
             config={"activation_func": _same,
                     "gated_linear_unit": lambda v, r: v == "swiglu"}),
     Setting("model.normalization", "--normalization", config={"normalization": _same}),
     Setting("model.norm_epsilon", "--norm-epsilon", attr="layernorm_epsilon",
-            config={"layernorm_epsilon": _same}, check=GREATER_THAN_ZERO),
-    Setting("model.init_std", "--init-method-std", config={"init_method_std": _same},
-            check=GREATER_THAN_ZERO),
+            config={"layernorm_epsilon": _same}),
+    Setting("model.init_std", "--init-method-std", config={"init_method_std": _same}),
     Setting("model.tie_embeddings", "--untie-embeddings-and-output-weights", kind="negated"),
     Setting("model.hidden_dropout", "--hidden-dropout", config={"hidden_dropout": _same},
-            check=UNIT, reason=_DEFAULT_DROPOUT),
+            reason=_DEFAULT_DROPOUT),
     Setting("model.attention_dropout", "--attention-dropout",
-            config={"attention_dropout": _same}, check=UNIT, reason=_DEFAULT_DROPOUT),
+            config={"attention_dropout": _same}, reason=_DEFAULT_DROPOUT),
     # ---- A: attention variants per position (pattern symbols) and MLA / DSA sizes
     Setting("model.attention.variant", emit=_multi_latent_flags, families="A",
             read_args=lambda a: _attention_from_args(a)["variant"],
             reason="A positions' variants travel as '*'/'+'/'D' in --hybrid-layer-pattern"),
     *(_attention_row(name) for name in ("mla_ranks", "dsa_ranks", "mla_layers", "dsa_layers",
                                         "mtp_variant")),
-    _latent_row("mla", "q_lora_rank", "--q-lora-rank"),
-    _latent_row("mla", "kv_lora_rank", "--kv-lora-rank"),
-    _latent_row("mla", "qk_head_dim", "--qk-head-dim"),
-    _latent_row("mla", "qk_pos_emb_head_dim", "--qk-pos-emb-head-dim"),
-    _latent_row("mla", "v_head_dim", "--v-head-dim"),
-    _latent_row("mla", "rope_type", "--rope-type"),
-    _latent_row("dsa", "indexer_heads", "--dsa-indexer-n-heads"),
-    _latent_row("dsa", "indexer_head_dim", "--dsa-indexer-head-dim"),
-    _latent_row("dsa", "top_k", "--dsa-indexer-topk"),
-    _latent_row("dsa", "indexer_loss_coeff", "--dsa-indexer-loss-coeff"),
+    _latent_row("mla", "q_lora_rank", "--q-lora-rank", config="q_lora_rank"),
+    _latent_row("mla", "kv_lora_rank", "--kv-lora-rank", config="kv_lora_rank"),
+    _latent_row("mla", "qk_head_dim", "--qk-head-dim", config="qk_head_dim"),
+    _latent_row("mla", "qk_pos_emb_head_dim", "--qk-pos-emb-head-dim",
+                config="qk_pos_emb_head_dim"),
+    _latent_row("mla", "v_head_dim", "--v-head-dim", config="v_head_dim"),
+    _latent_row("mla", "rope_type", "--rope-type", config="rope_type"),
+    _latent_row("dsa", "indexer_heads", "--dsa-indexer-n-heads", config="dsa_indexer_n_heads"),
+    _latent_row("dsa", "indexer_head_dim", "--dsa-indexer-head-dim",
+                config="dsa_indexer_head_dim"),
+    _latent_row("dsa", "top_k", "--dsa-indexer-topk", config="dsa_indexer_topk"),
+    _latent_row("dsa", "indexer_loss_coeff", "--dsa-indexer-loss-coeff",
+                config="dsa_indexer_loss_coeff"),
     _latent_row("dsa", "rotate_activation", "--no-dsa-indexer-rotate-activation",
                 attr="dsa_indexer_rotate_activation", kind="negated"),
     # ---- E: mixture of experts
@@ -535,7 +539,7 @@ SETTINGS: tuple[Setting, ...] = (
             families="E", config={"moe_router_load_balancing_type": _same},
             read_args=lambda a: _single(a.moe_router_load_balancing_type)),
     Setting("model.moe.aux_loss_coeff", "--moe-aux-loss-coeff", families="E",
-            config={"moe_aux_loss_coeff": _same}, check=NON_NEGATIVE,
+            config={"moe_aux_loss_coeff": _same},
             reason="explicit: Megatron's default is 0.0",
             read_args=lambda a: float(_single(a.moe_aux_loss_coeff))),
     Setting("model.moe.router_score_function", "--moe-router-score-function", families="E",
@@ -570,10 +574,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Mamba-2 only"),
     _mamba3_row("rope_fraction", "--megacpp-mamba-rope-fraction"),
     _mamba3_row("mimo", "--megacpp-mamba-mimo", kind="switch"),
-    _mamba3_row("mimo_rank", "--megacpp-mamba-mimo-rank", check=POSITIVE),
+    _mamba3_row("mimo_rank", "--megacpp-mamba-mimo-rank"),
     # ---- R: recurrent (plugin only)
     Setting("model.recurrent.num_heads", "--megacpp-r-num-heads", families="R",
-            emit=_r_heads_flags, register=False,
+            emit=_r_heads_flags,
             read_args=lambda a: None if a.megacpp_r_num_heads == AUTO_HEADS else (
                 a.megacpp_r_num_heads)),
     Setting("model.recurrent.k_head_dim", "--megacpp-r-k-head-dim", families="R"),
@@ -586,8 +590,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model.recurrent.norm", "--megacpp-r-norm", families="R"),
     Setting("model.recurrent.proj_init", "--megacpp-r-proj-init", families="R"),
     Setting("model.recurrent.forget_bf16", "--megacpp-r-forget-bf16", families="R",
-            emit=_bool_value_flags("--megacpp-r-forget-bf16"), register=False,
-            read_args=lambda a: a.megacpp_r_forget_bf16 == "true"),
+            kind="truth"),
     # ---- G: Gated DeltaNet
     Setting("model.gdn.num_key_heads", "--linear-num-key-heads", families="G",
             config={"linear_num_key_heads": _same}),
@@ -625,24 +628,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("training.micro_batch_size", "--micro-batch-size"),
     Setting("training.global_batch_size", "--global-batch-size"),
     Setting("training.train_iters", "--train-iters"),
-    Setting("training.lr", "--lr", check=GREATER_THAN_ZERO),
-    Setting("training.min_lr", "--min-lr", check=NON_NEGATIVE),
-    Setting("training.lr_warmup_iters", "--lr-warmup-iters", check=NON_NEGATIVE),
+    Setting("training.lr", "--lr"),
+    Setting("training.min_lr", "--min-lr"),
+    Setting("training.lr_warmup_iters", "--lr-warmup-iters"),
     Setting("training.lr_decay_style", "--lr-decay-style"),
-    Setting("training.weight_decay", "--weight-decay", check=NON_NEGATIVE),
-    Setting("training.adam_beta1", "--adam-beta1", check=UNIT),
-    Setting("training.adam_beta2", "--adam-beta2", check=UNIT),
-    Setting("training.clip_grad", "--clip-grad", check=CLIP),
-    Setting("training.seed", "--seed", check=NON_NEGATIVE),
+    Setting("training.weight_decay", "--weight-decay"),
+    Setting("training.adam_beta1", "--adam-beta1"),
+    Setting("training.adam_beta2", "--adam-beta2"),
+    Setting("training.clip_grad", "--clip-grad"),
+    Setting("training.seed", "--seed"),
     Setting("training.log_interval", "--log-interval"),
     Setting("training.save_interval", "--save-interval",
             reason="checkpoints are written only where the launcher passes --save"),
     Setting("training.eval_interval", "--eval-interval", emit=_eval_interval_flags,
             read_args=_read_eval_interval),
-    Setting("training.eval_iters", "--eval-iters", check=NON_NEGATIVE, emit=_eval_iters_flags,
+    Setting("training.eval_iters", "--eval-iters", emit=_eval_iters_flags,
             read_args=_read_eval_iters),
     # ---- data (the tokenizer flags are the translator's: they combine data and vocab)
-    Setting("data.source", emit=_source_flags, read_args=_read_source,
+    Setting("data.source", "--megacpp-data", emit=_source_flags, read_args=_read_source,
+            argparse={"default": None},
             native_hint="the embedded corpus is prepared by the plugin's launcher; for stock "
             "Megatron-LM write it as an indexed dataset (megacpp data prepare --embedded) and "
             "use data.source path with data.paths set to the printed prefix, or data.source "
@@ -657,7 +661,7 @@ SETTINGS: tuple[Setting, ...] = (
             read_args=lambda a: a.megacpp_receipt,
             reason="one receipt file per run in this folder",
             native_omits="receipts are written by the plugin launcher (plugin target)",
-            register=False),
+            argparse={"default": None, "metavar": "PATH"}),
     Setting("logging.tensorboard_dir", "--tensorboard-dir"),
     # ---- n-gram hash features on the token embeddings (plugin only)
     _ngram_row("enabled", kind="switch"),
@@ -670,21 +674,21 @@ SETTINGS: tuple[Setting, ...] = (
     _plasticity_row("fire", "steps"),
     _plasticity_row("fire", "mode"),
     _plasticity_row("fire", "method"),
-    _plasticity_row("fire", "rewarmup_iters", NON_NEGATIVE),
+    _plasticity_row("fire", "rewarmup_iters"),
     _plasticity_row("dash", "every"),
     _plasticity_row("dash", "start"),
-    _plasticity_row("dash", "lam", _UNIT_OPEN_LOW),
-    _plasticity_row("dash", "alpha", _UNIT_OPEN_LOW),
+    _plasticity_row("dash", "lam"),
+    _plasticity_row("dash", "alpha"),
     _plasticity_row("redo", "every"),
     _plasticity_row("redo", "start"),
-    _plasticity_row("redo", "tau", UNIT),
-    _plasticity_row("redo", "beta", _UNIT_OPEN_LOW),
+    _plasticity_row("redo", "tau"),
+    _plasticity_row("redo", "beta"),
     # ---- STP auxiliary loss (plugin only: the training hook in megacpp_mcore/stp.py)
     Setting("stp.enabled", "--megacpp-stp", kind="switch",
             reason="the plugin's training hook adds the STP loss"),
-    _stp_row("weight", "--megacpp-stp-weight", NON_NEGATIVE),
+    _stp_row("weight", "--megacpp-stp-weight"),
     _stp_row("start_step", "--megacpp-stp-start-step"),
-    _stp_row("ramp_steps", "--megacpp-stp-ramp-steps", NON_NEGATIVE),
+    _stp_row("ramp_steps", "--megacpp-stp-ramp-steps"),
     _stp_row("triples", "--megacpp-stp-triples"),
     _stp_row("min_gap", "--megacpp-stp-min-gap"),
     _stp_row("layers", "--megacpp-stp-layers"),
@@ -724,6 +728,41 @@ FIXED: tuple[Fixed, ...] = (
           lambda r, cuda: cuda and r.model.activation == "swiglu",
           "Megatron's launcher fuses swiglu only (no linear bias turns the gelu fusion off); "
           "its fused kernel has no squared_relu"),
+    # MLA/DSA positions (one MLATransformerConfig per model): set only where they are built
+    Fixed("rotary_scaling_factor", None, lambda r, cuda: 1.0,
+          "Megatron-LM's --rotary-scaling-factor default (MLATransformerConfig's own is 40): "
+          "the plugin builds what the native flags build", when=_builds_mla),
+    Fixed("experimental_attention_variant", None, lambda r, cuda: "dsa",
+          "DSA positions: --experimental-attention-variant dsa, emitted by the "
+          "model.attention.variant row", when=_builds_dsa),
+)
+
+#: --megacpp-* flags of the recipe's top level and of its provenance. The translator writes
+#: them itself (from the layout, the backend choice and the recipe file, at their place in
+#: the command line), so they are not in :data:`SETTINGS`, whose rows it emits in order;
+#: megatron/args.py registers them with the settings' plugin flags. ``recipe`` rows carry a
+#: recipe field (the layout as the per-layer plan, the backend asked for); ``provenance``
+#: rows say where the flags came from, for receipts (the flags themselves are
+#: authoritative).
+RECIPE_ROWS: tuple[Setting, ...] = (
+    Setting("pattern", "--megacpp-plan", kind="recipe", emit=_none,
+            argparse={"default": None, "metavar": "PLAN"},
+            reason="the per-layer plan (megacpp_mcore.plan): one token per layer of "
+            "--hybrid-layer-pattern, its letter (A E M F R G) and variant (A:gqa, A:mla, "
+            "A:dsa, M:mamba2, M:mamba3, R:m2rnn), '|' between stages and '/' before each MTP "
+            "part; R layers travel in Megatron's G slot there, and this flag tells the "
+            "plugin's stack R from G"),
+    Setting("backend", "--megacpp-backend", kind="recipe", emit=_none,
+            argparse={"default": None},
+            reason="the backend the recipe asked for; --transformer-impl is what Megatron "
+            "builds. Recorded in receipts next to what actually ran"),
+    Setting("source", "--megacpp-recipe", kind="provenance", emit=_none,
+            of=lambda r: r.source or r.name, argparse={"metavar": "PATH"},
+            reason="the recipe the flags were translated from (provenance for receipts; the "
+            "flags themselves are authoritative)"),
+    Setting("recipe_hash", "--megacpp-recipe-hash", kind="provenance", emit=_none,
+            argparse={"metavar": "SHA256"},
+            reason="sha256 of the fully resolved recipe (overrides included), for receipts"),
 )
 
 
@@ -733,44 +772,40 @@ def rows(prefix: str = "") -> tuple[Setting, ...]:
 
 
 def plugin_rows() -> tuple[Setting, ...]:
-    """Rows carried by the plugin's own flags (registered with Megatron's parser)."""
-    return tuple(row for row in SETTINGS if row.plugin_only)
+    """Rows carried by the plugin's own flags (every one registered with Megatron's parser):
+    the recipe's top level and provenance first, then the settings'."""
+    return tuple(row for row in (*RECIPE_ROWS, *SETTINGS) if row.plugin_only)
 
 
-def value_problem(key: str, value: Any) -> str | None:
-    """Why ``value`` is impossible for ``key`` on its own, or None.
+#: the recipe sections whose rows may set TransformerConfig fields
+CONFIG_SECTIONS = ("model", "precision", "parallel")
 
-    Integers must be >= 1 and numbers finite unless the row's check says otherwise;
-    booleans, strings and nulls have no range (their types are checked by the dataclass).
-    """
-    key = re.sub(r"\[\d+\]$", "", key)  # an item of a list setting: the list's rule
-    if isinstance(value, tuple):
-        return next(filter(None, (value_problem(key, v) for v in value)), None)
-    if isinstance(value, bool) or value is None or not isinstance(value, int | float):
-        return None
-    row = BY_KEY.get(key)
-    check = row.check if row is not None else None
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number, got {value!r}"
-    if check is None:
-        if isinstance(value, int) and value < 1:
-            return f"must be {POSITIVE.rule}, got {value}"
-        return None
-    if not check.ok(value):
-        return f"must be {check.rule}, got {value!r}"
-    return None
+
+def config_kwargs(root: Any, letters: str) -> dict[str, Any]:
+    """TransformerConfig kwargs from every row whose families ``letters`` use and whose
+    feature the layout builds (pure Python values; ``root`` has the recipe's ``model``,
+    ``precision``, ``parallel``, ``layout`` and ``lowered_layout``)."""
+    kwargs: dict[str, Any] = {}
+    for row in SETTINGS:
+        if row.key.partition(".")[0] in CONFIG_SECTIONS and row.used_by(letters):
+            fields = row.config_fields(root)
+            if fields:
+                value = row.value(root)
+                kwargs.update({name: make(value, root) for name, make in fields.items()})
+    return kwargs
 
 
 __all__ = [
     "AUTO_HEADS",
     "BY_KEY",
+    "CONFIG_SECTIONS",
     "FIXED",
     "PLUGIN_FLAG_PREFIX",
+    "RECIPE_ROWS",
     "SETTINGS",
-    "Check",
     "Fixed",
     "Setting",
+    "config_kwargs",
     "plugin_rows",
     "rows",
-    "value_problem",
 ]

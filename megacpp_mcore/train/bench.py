@@ -163,16 +163,11 @@ def native_config(layout: Layout, model: ModelConfig, precision: PrecisionConfig
 
     from megatron.core.transformer import TransformerConfig
 
-    from megacpp_mcore.settings.table import SETTINGS
+    from megacpp_mcore.settings.table import config_kwargs
 
-    root = SimpleNamespace(model=model, precision=precision, parallel=ParallelConfig())
-    letters = layout.letters + "".join(layout.mtp)
-    kwargs: dict[str, Any] = {}
-    for row in SETTINGS:
-        if row.config and row.key.partition(".")[0] in ("model", "precision", "parallel") and (
-                row.used_by(letters)):
-            value = row.value(root)
-            kwargs.update({name: make(value, root) for name, make in row.config.items()})
+    root = SimpleNamespace(model=model, precision=precision, parallel=ParallelConfig(),
+                           layout=layout, lowered_layout=layout)
+    kwargs: dict[str, Any] = config_kwargs(root, layout.letters + "".join(layout.mtp))
     kwargs["activation_func"] = ACTIVATIONS[kwargs["activation_func"]]
     kwargs["params_dtype"] = DTYPES[kwargs["params_dtype"]]
     kwargs.update(num_layers=layout.depth, add_bias_linear=False)
