@@ -1,5 +1,6 @@
-"""The settings table is the one truth: every field has a row, and every construction path
-(Python, YAML, Megatron's args) runs the rows' checks with the project's own error."""
+"""One schema of settings: every field has a row in the table (its mapping to Megatron) and
+its check on its own typed field, and every construction path (Python, YAML, Megatron's
+args) runs those checks with the project's own error."""
 
 import dataclasses
 import typing

@@ -26,8 +26,6 @@ def _mamba3_problems(mamba, tp: int) -> list[str]:
     elif int(mamba.state_dim * mamba.rope_fraction) < 2:
         problems.append(f"model.mamba.state_dim ({mamba.state_dim}) x rope_fraction "
                         f"({mamba.rope_fraction}) leaves no rotary pair for Mamba-3")
-    if mamba.mimo_rank < 1:
-        problems.append(f"model.mamba.mimo_rank ({mamba.mimo_rank}) must be at least 1")
     if tp > 1:
         problems.append(
             f"model.mamba.variant mamba3 runs at parallel.tensor 1 only (got {tp}): its "

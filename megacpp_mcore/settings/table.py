@@ -796,7 +796,6 @@ def config_kwargs(root: Any, letters: str) -> dict[str, Any]:
 
 
 __all__ = [
-    "AUTO_HEADS",
     "BY_KEY",
     "CONFIG_SECTIONS",
     "FIXED",
