@@ -448,18 +448,28 @@ def test_direct_construction_is_validated():
 # --------------------------------------------------------------------------- documentation
 
 
-SECTIONS = (Recipe, config.ModelConfig, config.MoEConfig, config.MambaConfig,
-            config.RecurrentConfig, config.GatedDeltaNetConfig, config.PrecisionConfig,
-            config.ParallelConfig, config.TrainingConfig, config.DataConfig,
-            config.LoggingConfig)
+def _sections(cls):
+    yield cls
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp)
+
+
+#: every settings section a recipe holds (Recipe itself, model, model.moe, ...)
+SECTIONS = tuple(dict.fromkeys(_sections(Recipe)))
 
 
 @pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.__name__)
 def test_every_field_is_documented_once(cls):
+    """Each field's doc is the string literal right under it (an attribute docstring); the
+    class docstring is one short paragraph, with no ``Attributes:`` list."""
     docs = field_docs(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     assert set(docs) == set(names), set(names) ^ set(docs)
     assert all(docs[n].strip() for n in names)
+    assert "Attributes:" not in (cls.__doc__ or "")
+    assert len(SECTIONS) >= 20
 
 
 def test_describe_lists_every_key_with_its_doc():
