@@ -14,6 +14,7 @@ from megacpp_mcore.layers.mamba2 import Mamba2Mixer
 from megacpp_mcore.layers.norm import LocalNorm
 from megacpp_mcore.layers.sdpa import SDPACoreAttention
 from megacpp_mcore.layout import parse_pattern
+from megacpp_mcore.plan import plan_layers
 from megacpp_mcore.settings.config import MambaConfig, MoEConfig
 from megacpp_mcore.specs import stack
 from megacpp_mcore.specs.attention import attention_layer_spec
@@ -24,7 +25,6 @@ from megacpp_mcore.specs.moe import moe_layer_spec
 from megacpp_mcore.specs.providers import provider_for
 from megacpp_mcore.specs.recurrent import recurrent_layer_spec
 from megacpp_mcore.specs.stack import MegacppHybridStack, build_stack_spec
-from megacpp_mcore.symbols import NATIVE_SYMBOLS, PLUGIN_SYMBOLS, megatron_pattern
 from tests.conftest import tiny_model_config
 from tests.spec_trees import attempt, load_golden, normalised, tree
 
@@ -46,7 +46,7 @@ def _plan(built: str, layout=ALL_BUT_G):
 def test_local_specs():
     spec = build_stack_spec(ALL_BUT_G, tiny_model_config(), _plan("local"))
     assert spec.module is MegacppHybridStack
-    assert spec.params["layout_letters"] == "AEMFR"
+    assert spec.params["layer_plan"] == "A:gqa E M:mamba2 F R:m2rnn"
     sub = spec.submodules
     attention = sub.attention_layer
     assert attention.module is TransformerLayer
@@ -106,9 +106,9 @@ def test_unused_families_stay_empty():
 
 def test_plugin_pattern_encoding():
     layout = parse_pattern("AEM|FRG/MA")
-    assert megatron_pattern(layout, PLUGIN_SYMBOLS) == "*EM|-GG/M*"
-    with pytest.raises(KeyError):
-        megatron_pattern(layout, NATIVE_SYMBOLS)
+    assert plan_layers(layout).megatron_pattern == "*EM|-GG/M*"
+    with pytest.raises(SpecError, match="no Megatron symbol on the native target"):
+        plan_layers(layout, target="native")
 
 
 def test_r_in_mtp_is_refused():
@@ -192,6 +192,115 @@ def test_te_specs_are_megatrons_hybrid_specs():
     mixer, native = ours.mamba_layer.submodules.mixer, upstream.mamba_layer.submodules.mixer
     assert tree(mixer.submodules) == tree(native.submodules)
     assert tree(mixer.module) == tree(native.module)
+
+
+# --------------------------------------------------------------------------- HybridStack
+
+#: sha256 of inspect.getsource of what MegacppHybridStack ports, for megatron-core 0.19.2
+UPSTREAM_SOURCES = {
+    "__init__": "8f31e2dfaa3491fa9849cbf2825c9d42f089a49293ea832819c38290ca0db1e3",
+    "_fuse_mla_down_proj": "f7087be434c38b5aa60faf5263ffddbea29ba25aace4080e316328a76c91d3cd",
+}
+
+
+@pytest.mark.parametrize("method", sorted(UPSTREAM_SOURCES))
+def test_upstream_hybrid_stack_constructor_is_the_one_ported(method):
+    import hashlib
+    import inspect
+
+    from megatron.core.models.hybrid.hybrid_block import HybridStack
+
+    source = inspect.getsource(getattr(HybridStack, method))
+    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_SOURCES[method], (
+        f"megatron-core's HybridStack.{method} changed: re-check what MegacppHybridStack "
+        "ports (specs/stack.py) and update the hash")
+
+
+def _build(layout: str, **overrides):
+    from megacpp_mcore.model import build_model
+    from megacpp_mcore.settings.config import PrecisionConfig
+
+    return build_model(parse_pattern(layout), tiny_model_config(),
+                       precision=PrecisionConfig(params_dtype="fp32"), overrides=overrides)
+
+
+@pytest.mark.parametrize(("setting", "context"), [("fp8", "get_fp8_context"),
+                                                  ("fp4", "get_fp4_context")])
+def test_layers_are_built_in_the_quantised_init_context(megatron_single_process, monkeypatch,
+                                                        setting, context):
+    """As upstream: each layer is built inside get_fp8_context / get_fp4_context(config,
+    global layer index, is_init=True); the final norm outside it."""
+    from contextlib import contextmanager
+
+    entered, active, built = [], [], []
+
+    @contextmanager
+    def recording(config, layer_no=-1, is_init=False):
+        entered.append((layer_no, is_init))
+        active.append(layer_no)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    build_module = stack.build_module
+
+    def recording_build(spec, *args, **kwargs):
+        built.append(active[-1] if active else None)
+        return build_module(spec, *args, **kwargs)
+
+    monkeypatch.setattr(stack, context, recording)
+    monkeypatch.setattr(stack, "build_module", recording_build)
+    value = {"fp8": "hybrid", "fp4": "nvfp4"}[setting]
+    model = _build("AMFRA", **{setting: value})
+    assert len(model.decoder.layers) == 5
+    assert entered == [(i, True) for i in range(5)]
+    assert built == [0, 1, 2, 3, 4, None]  # five layers, each in its context; the final norm
+
+
+def test_no_quantised_init_context_without_fp8_or_fp4(megatron_single_process, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stack, "get_fp8_context", lambda *args, **kw: calls.append(args))
+    monkeypatch.setattr(stack, "get_fp4_context", lambda *args, **kw: calls.append(args))
+    _build("AF")
+    assert calls == []
+
+
+def test_local_cuda_graphs_annotate_the_first_and_last_layer(megatron_single_process):
+    """cuda_graph_impl="local": annotate_first_last_layer, as upstream. (Graphing only
+    attention, which this layout has none of, so no layer needs CUDA graphs on the CPU.)"""
+    model = _build("MFRM", cuda_graph_impl="local", cuda_graph_modules=["attn"])
+    layers = model.decoder.layers
+    assert [layer.is_first_layer for layer in layers] == [True, False, False, False]
+    assert [layer.is_last_layer for layer in layers] == [False, False, False, True]
+    plain = _build("MFRM").decoder.layers
+    assert not any(hasattr(layer, "is_first_layer") for layer in plain)
+
+
+def _mla_fusion_stack(transformer_impl: str, layout: str):
+    """The plugin's stack for ``layout`` with an MLA config asking for the down-projection
+    fusion: the fusion is decided before any layer is built."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import MLATransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = MLATransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6, add_bias_linear=False,
+        use_cpu_initialization=True, rope_type="rope", normalization="RMSNorm",
+        transformer_impl=transformer_impl, mla_down_proj_fusion=True)
+    parsed = parse_pattern(layout)
+    backend = "te" if transformer_impl == "transformer_engine" else "local"
+    spec = build_stack_spec(parsed, tiny_model_config(), _plan(backend, parsed))
+    return build_module(spec, config=config, layer_type_list=["-"] * parsed.depth,
+                        pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+
+
+def test_mla_down_proj_fusion_is_refused_where_it_cannot_be_done(megatron_single_process):
+    with pytest.raises(SpecError, match="mla_down_proj_fusion needs backend te"):
+        _mla_fusion_stack("local", "F")
+    with pytest.raises(SpecError, match="mla_down_proj_fusion: the model has no MLA layer"):
+        _mla_fusion_stack("transformer_engine", "F")
 
 
 # --------------------------------------------------------------------------- dispatcher
