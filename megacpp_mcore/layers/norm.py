@@ -3,7 +3,8 @@
 Megatron's ``WrappedTorchNorm`` refuses sequence parallelism, because a norm weight that sees
 only this rank's slice of the sequence needs its gradient summed across the tensor-parallel
 group. Megatron's gradient finalisation does exactly that for parameters flagged
-``sequence_parallel``; this builder flags them, so the local backend keeps SP.
+``sequence_parallel``; this builder flags them, so the local backend keeps SP. The spec
+builders get it from ``specs.providers.MegacppLocalSpecProvider.layer_norm()``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A drop-in for Megatron's ``DotProductAttention`` (same constructor and ``forward``), which
 would materialise the full score matrix through Megatron's CUDA-only global memory buffer.
 SDPA picks flash / memory-efficient kernels on GPU and runs on CPU too; grouped-query
-attention is passed through (``enable_gqa``) instead of repeating keys and values.
+attention is passed through (``enable_gqa``) instead of repeating keys and values. The spec
+builders get it from ``specs.providers.MegacppLocalSpecProvider.core_attention()``.
 """
 
 from __future__ import annotations

@@ -41,9 +41,6 @@ from megatron.core.transformer.transformer_layer import (
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.specs.providers import is_transformer_engine, norm_and_column_linear
 
-#: variant -> the slot of Megatron's HybridStackSubmodules that holds its layer spec.
-VARIANT_SLOTS = {"gqa": "attention_layer", "mla": "mla_layer", "dsa": "dsa_layer"}
-
 DSA_NEEDS_TE = (
     "attention variant dsa needs backend te: Megatron-Core 0.19.2 builds DSA "
     "(AbsorbedMLASelfAttention + DSAttention) only in its Transformer Engine hybrid spec, "
