@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from megacpp_mcore.errors import PatternError, SpecError
-from megacpp_mcore.layout import MTP_SEPARATOR, STAGE_SEPARATOR, Layout, parse_pattern
+from megacpp_mcore.layout import FAMILIES, MTP_SEPARATOR, STAGE_SEPARATOR, Layout, parse_pattern
 from megacpp_mcore.settings.attention import a_variants, mtp_variant
 from megacpp_mcore.symbols import TARGETS, VARIANT_SYMBOLS, slot_for, symbol_for
 
@@ -179,7 +179,7 @@ def parse_plan(text: str, target: str = "plugin") -> ModelPlan:
             continue
         letter, _, variant = token.partition(":")
         accepted = LETTER_VARIANTS.get(letter, ())
-        if len(letter) != 1 or (variant and variant not in accepted) or (
+        if letter not in FAMILIES or (variant and variant not in accepted) or (
                 accepted and not variant):
             raise SpecError(
                 f"--megacpp-plan token {position} {token!r}: expected a block letter with its "

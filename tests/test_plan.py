@@ -52,7 +52,8 @@ def test_paths_and_stages():
     ("A M:mamba2", "token 1 'A'"),
     ("A:sparse", "token 1 'A:sparse'"),
     ("E:moe", "token 1 'E:moe'"),
-    ("", "needs at least one layer"),
+    ("", "empty pattern"),
+    ("A:gqa | | E", "empty"),
 ])
 def test_a_bad_plan_flag_says_which_token(text, why):
     with pytest.raises(SpecError, match=why):
