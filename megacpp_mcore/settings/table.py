@@ -66,8 +66,8 @@ class Setting:
     :data:`RECIPE_ROWS` only, ``recipe`` and ``provenance`` (``--flag VALUE`` written by the
     translator from the layout, the backend choice or the recipe file). ``active(root)``
     false: the setting's feature is off and it travels in no flag (nothing for the native
-    target to refuse).
-    ``emit`` replaces that for the few settings with a conditional or multi-flag form: it
+    target to refuse). ``emit`` replaces that for the few settings with a conditional or
+    multi-flag form: it
     gets ``(value, root)`` (``root`` has the recipe's sections as attributes) and returns
     ``[(flag, *values), ...]``. ``read`` replaces the default read-back from args.
     ``config`` maps TransformerConfig field -> ``f(value, root)`` (pure Python values; the
@@ -77,7 +77,8 @@ class Setting:
     hard-codes) or ``native_omits`` says why a native run does without it; ``native_hint``
     is the way out the refusal names. ``argparse`` holds what registering a plugin flag
     takes beyond the field's type, default and doc (``metavar``, ``default``); ``of(root)``
-    is the value the flag carries where it is not the key's own (the expanded layout).
+    is the value the flag carries where it is not the key's own (the recipe's file, or its
+    name for a recipe built in Python).
     """
 
     key: str
