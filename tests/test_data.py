@@ -232,6 +232,30 @@ def test_embedded_corpus_is_this_repository_only():
     assert files == embedded_corpus_files()  # deterministic order
 
 
+def test_the_tests_train_on_the_frozen_corpus_and_megatron_can_split_it(frozen_corpus):
+    """The suite's training corpus is tests/assets/corpus (fixed text, not the package's live
+    source: tests/conftest.py), one document per file; the recipe's default split leaves the
+    validation split at least one document, as Megatron splits it (an empty split loops
+    forever in Megatron-Core's GPTDataset._get_num_epochs)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from megacpp_mcore.settings.recipe import load_recipe
+    from megacpp_mcore.train import cpu_loop
+
+    summary = read_summary(frozen_corpus)
+    assert all(f.startswith("tests/assets/corpus/") for f in summary.files)
+    assert summary.documents == len(summary.files) >= 50 and 150_000 < summary.bytes < 400_000
+    recipe = load_recipe("tiny")
+    assert recipe.data.source == "embedded" and cpu_loop.token_source(recipe) == frozen_corpus
+    n = summary.documents
+    for begin, end in convert_split_vector_to_split_matrix(
+            parse_and_normalize_split(recipe.data.split))[:2]:  # as BlendedMegatronDataset
+        assert round(end * n) - round(begin * n) >= 1
+
+
 def test_prepare_embedded_caches(tmp_path, monkeypatch):
     prefix = prepare_embedded(tmp_path)
     assert prefix.parent.parent == tmp_path
