@@ -128,6 +128,9 @@ def train_on_cpu(
     hooks.install([model], HookContext(num_microbatches=micro_batches, path="cpu",
                                        layout=layout))
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / micro_batches))
+    # start from an empty MoE loss tracker: it is Megatron's, process-wide, and an earlier
+    # run or forward pass in this process leaves its values there (step 1 would count them)
+    moe_aux_losses(micro_batches, clear=True)
 
     receipt = Receipt.create(
         receipt_path,
