@@ -271,7 +271,8 @@ def test_fire_survives_the_next_optimizer_step(megatron_single_process):
     model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean().backward()
     optimizer.step()
     [event] = hook.events()
-    assert event["kind"] == "fire" and event["touched"] == len(hook._parts) > 0
+    # every part of AEMFRA in mode all: the count the golden tools run records (33)
+    assert event["kind"] == "fire" and event["touched"] == len(hook._parts) == 33
     for p in hook._parts:
         w = p.param.detach() if p.index() is None else p.param.detach()[p.index()]
         singular = torch.linalg.svdvals(w)

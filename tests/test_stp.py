@@ -352,7 +352,7 @@ def test_features_build_the_hook_only_when_enabled():
 
 
 @pytest.mark.slow
-def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
+def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path, frozen_corpus):
     import os
     import subprocess
     import sys
@@ -370,7 +370,8 @@ def test_megacpp_train_tiny_logs_stp_after_the_gate(tmp_path):
          "--set", "training.log_interval=5", "--set", "training.lr_warmup_iters=2",
          "--set", "training.global_batch_size=4", "--set", "training.micro_batch_size=2",
          "--set", "model.seq_length=64",
-         "--set", "stp.enabled=true", "--set", "stp.start_step=10", "--set", "stp.triples=16"],
+         "--set", "stp.enabled=true", "--set", "stp.start_step=10", "--set", "stp.triples=16",
+         "--set", "data.source=path", "--set", f"data.paths=[{frozen_corpus}]"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     intervals = load_receipt(receipt_path).intervals
