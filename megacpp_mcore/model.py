@@ -26,7 +26,6 @@ from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layers.ngram_hash import attach_ngram_hash
 from megacpp_mcore.layout import Layout
 from megacpp_mcore.plan import ModelPlan, plan_layers
-from megacpp_mcore.settings.attention import LATENT, used_variants
 from megacpp_mcore.settings.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megacpp_mcore.settings.sizes import plugin_problems, size_problems
 from megacpp_mcore.settings.table import FIXED, config_kwargs
@@ -96,7 +95,7 @@ def transformer_config(
     # MLA/DSA positions: Megatron's MLATransformerConfig (one per model); the sizes came from
     # the table's model.attention.* rows above. DSA's Hadamard rotation is the machine's
     # decision (the backend plan), not a setting's value.
-    latent = used_variants(layout, model.attention) & set(LATENT) if layout.has("A") else set()
+    latent = plan_layers(layout, model).latent
     if "dsa" in latent:
         kwargs["dsa_indexer_rotate_activation"] = plan.dsa_rotate
     kwargs.update(overrides or {})

@@ -28,13 +28,13 @@ from megacpp_mcore.megatron.args import (
     add_megacpp_args,
     model_config_from_args,
     recurrent_config_from_args,
-    section_from_args,
 )
 from megacpp_mcore.megatron.translate import NATIVE_MODULES, PLUGIN_MODULES, SPEC, translate
 from megacpp_mcore.model import ACTIVATIONS
 from megacpp_mcore.plan import parse_plan, plan_layers
 from megacpp_mcore.settings.recipe import known_recipes, load_recipe
 from megacpp_mcore.settings.table import FIXED, SETTINGS
+from megacpp_mcore.symbols import decode_symbol
 from tests.megatron_helpers import megatron_parse
 
 #: stock Megatron has no Mamba-3: the native NAM56R runs Mamba-2 at Megatron's chunk size
@@ -82,13 +82,15 @@ def assert_matches(args, config, plan):
             assert _single(getattr(config, name)) == value, (row.key, name)
         checked += 1
     assert checked >= 40
-    if built.has("A"):  # every A position reads back as the variant the recipe gives it
-        from megacpp_mcore.settings.attention import a_variants, mtp_variant
-
-        back = section_from_args("model.attention", args)
-        assert a_variants(built, back) == a_variants(built, m.attention, layout)
-        if built.mtp:
-            assert mtp_variant(back) == mtp_variant(m.attention)
+    # every layer reads back as what the recipe makes it: on the plugin target from the
+    # carried plan, on the native target from the symbols (decoded by the one symbol map)
+    want = plan_layers(built, m, plan.target, ranked=layout)
+    if plan.target == "plugin":
+        assert parse_plan(args.megacpp_plan) == want
+    symbols = [c for c in args.hybrid_layer_pattern if c not in "|/"]
+    decoded = [decode_symbol(c) for c in symbols]
+    assert decoded == [("G" if x.letter == "R" else x.letter,
+                        x.variant if x.letter == "A" else None) for x in want.all_layers]
     for fixed in FIXED:
         if fixed.flag and (plan.target == "plugin" or not fixed.plugin_only_flag):
             assert getattr(config, fixed.config) == fixed.value(recipe, True), fixed.config
@@ -531,9 +533,10 @@ def test_nam56r_plugin_carries_variants_and_the_seed_r_layer():
     r = recurrent_config_from_args(args)
     assert r == load_recipe("nam56r").model.recurrent and r.heads(4096) == 51
     model = model_config_from_args(args)
-    layout = load_recipe("nam56r").layout
-    from megacpp_mcore.settings.attention import a_variants, mtp_variant
-    want = load_recipe("nam56r").model.attention
-    assert a_variants(layout, model.attention) == a_variants(layout, want)
-    assert mtp_variant(model.attention) == "mla"
+    recipe = load_recipe("nam56r")
+    carried = parse_plan(args.megacpp_plan)  # the variants travel in the plan, whole
+    assert carried == plan_layers(recipe.layout, recipe.model)
+    assert [x.number for x in carried.layers if x.variant == "mla"] == [1, 17, 33, 49]
+    assert {x.variant for x in carried.mtp_layers if x.letter == "A"} == {"mla"}
+    want = recipe.model.attention
     assert model.attention.mla == want.mla and model.attention.dsa == want.dsa

@@ -239,7 +239,10 @@ def model_config_from_args(args: Any) -> ModelConfig:
     ``kv_channels`` comes back as null when it equals ``hidden_size / num_attention_heads``
     (Megatron fills that default in during validation); ``num_query_groups`` is null unless
     ``--group-query-attention`` is set. Settings of families a pattern does not use keep
-    whatever Megatron's defaults are.
+    whatever Megatron's defaults are. The attention variant of each A position is not a
+    setting here: it travels in the per-layer plan (``--megacpp-plan``, read by
+    ``spec_seam.plan_from_args``), so ``attention``'s position settings keep their defaults
+    and only the MLA/DSA sizes are read.
     """
     if getattr(args, "quick_geglu", False):
         raise SpecError("--quick-geglu: this project builds swiglu, squared_relu or gelu MLPs")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megacpp_mcore.settings.attention import LATENT, used_variants
-from megacpp_mcore.settings.config import AUTO_HEADS, DSAConfig, MLAConfig
+from megacpp_mcore.settings.config import AUTO_HEADS, AttentionConfig, DSAConfig, MLAConfig
 
 #: the prefix of every flag the plugin itself adds to Megatron's parser.
 PLUGIN_FLAG_PREFIX = "--megacpp-"
@@ -351,10 +351,6 @@ def _ngram_row(name: str, kind: str = "value") -> Setting:
 
 # attention variants (per A position; the positions travel in the pattern) --------------
 
-#: Megatron hybrid symbol of an A position -> its attention variant
-_SYMBOL_VARIANTS = {"*": "gqa", "+": "mla", "D": "dsa"}
-
-
 def _latent(root: Any) -> set[str]:
     """The multi-latent variants (mla, dsa) the recipe ``root`` builds (native or plugin)."""
     built = root.lowered_layout
@@ -363,29 +359,18 @@ def _latent(root: Any) -> set[str]:
     return used_variants(built, root.model.attention, root.layout) & set(LATENT)
 
 
-def _attention_from_args(args: Any) -> dict[str, Any]:
-    """The per-position variants read from the A symbols of --hybrid-layer-pattern ('*' gqa,
-    '+' mla, 'D' dsa), listed by layer number."""
-    pattern = getattr(args, "hybrid_layer_pattern", None) or ""
-    main, _, mtp = pattern.partition("/")
-    by_variant: dict[str, list[int]] = {"gqa": [], "mla": [], "dsa": []}
-    for number, symbol in enumerate((c for c in main if c != "|"), start=1):
-        if symbol in _SYMBOL_VARIANTS:
-            by_variant[_SYMBOL_VARIANTS[symbol]].append(number)
-    mtp_symbols = [c for c in mtp if c in _SYMBOL_VARIANTS]
-    mtp_variant = _SYMBOL_VARIANTS[mtp_symbols[0]] if mtp_symbols else None
-    latent = by_variant["mla"] or by_variant["dsa"]
-    variant = "gqa" if by_variant["gqa"] or not latent else (
-        mtp_variant or ("mla" if by_variant["mla"] else "dsa"))
-    return {"variant": variant, "mla_ranks": (), "dsa_ranks": (),
-            "mla_layers": tuple(by_variant["mla"]) if variant != "mla" else (),
-            "dsa_layers": tuple(by_variant["dsa"]) if variant != "dsa" else (),
-            "mtp_variant": mtp_variant}
+#: why the per-position attention settings have no flag of their own
+_IN_THE_PLAN = ("the variant of every A position travels in the per-layer plan "
+                "(--megacpp-plan, megacpp_mcore.plan) and as its symbol ('*' gqa, '+' mla, "
+                "'D' dsa) in --hybrid-layer-pattern; Megatron's args do not spell it back as "
+                "these settings")
 
 
 def _attention_row(name: str) -> Setting:
+    """A per-position attention setting: carried by the plan, read back as its default."""
+    default = next(f.default for f in dataclasses.fields(AttentionConfig) if f.name == name)
     return Setting(f"model.attention.{name}", emit=_none, families="A",
-                   read_args=lambda a: _attention_from_args(a)[name])
+                   read_args=lambda a: default, reason=_IN_THE_PLAN)
 
 
 def _section_default(section: str, name: str) -> Any:
@@ -508,8 +493,7 @@ SETTINGS: tuple[Setting, ...] = (
             config={"attention_dropout": _same}, reason=_DEFAULT_DROPOUT),
     # ---- A: attention variants per position (pattern symbols) and MLA / DSA sizes
     Setting("model.attention.variant", emit=_multi_latent_flags, families="A",
-            read_args=lambda a: _attention_from_args(a)["variant"],
-            reason="A positions' variants travel as '*'/'+'/'D' in --hybrid-layer-pattern"),
+            read_args=lambda a: AttentionConfig.variant, reason=_IN_THE_PLAN),
     *(_attention_row(name) for name in ("mla_ranks", "dsa_ranks", "mla_layers", "dsa_layers",
                                         "mtp_variant")),
     _latent_row("mla", "q_lora_rank", "--q-lora-rank", config="q_lora_rank"),
