@@ -38,7 +38,7 @@ from megacpp_mcore.plan import ModelPlan, plan_layers
 from megacpp_mcore.settings.recipe import Recipe
 from megacpp_mcore.settings.rules import BYTE_VOCAB_SIZE
 from megacpp_mcore.settings.sizes import plugin_problems
-from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, SETTINGS
+from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, RECIPE_ROWS, SETTINGS
 from megacpp_mcore.symbols import (
     NATIVE_SYMBOLS,
     PLUGIN_R_SYMBOL,
@@ -49,6 +49,8 @@ from megacpp_mcore.symbols import (
 MEGATRON_VERSION = "0.19.2"
 TARGETS = ("native", "plugin")
 FORMATS = ("args", "shell", "json")
+#: recipe key -> the plugin flag of the recipe's top level / provenance (settings.table)
+RECIPE_FLAGS: dict[str, str] = {row.key: row.flag for row in RECIPE_ROWS}
 #: the plugin's hybrid stack spec object, for Megatron's ``--spec MODULE NAME``.
 SPEC = ("megacpp_mcore.megatron.spec_seam", "megacpp_stack_spec")
 #: the Megatron pretrain launcher the shell format runs.
@@ -402,7 +404,7 @@ def translate(recipe: Recipe, target: str = "native",
     if plugin:
         f.add("--spec", *SPEC, reason="the plugin's hybrid stack spec object builds every "
               "layer (Megatron imports it, does not call it)")
-        f.add("--megacpp-plan", layer_plan.flag,
+        f.add(RECIPE_FLAGS["pattern"], layer_plan.flag,
               source="pattern, depth, model.attention, model.mamba.variant",
               reason="the per-layer plan (every layer's letter and variant), carried to the "
               "--spec seam so it is never re-derived from Megatron's symbols; it tells the "
@@ -450,7 +452,7 @@ def translate(recipe: Recipe, target: str = "native",
     }[recipe.backend]
     f.add("--transformer-impl", impl, source="backend", reason=impl_reason)
     if plugin:
-        f.add("--megacpp-backend", recipe.backend, source="backend",
+        f.add(RECIPE_FLAGS["backend"], recipe.backend, source="backend",
               reason="what the recipe asked for, recorded next to what ran")
     f.add("--no-create-attention-mask-in-dataloader",
           reason="every layer is causal and its attention core applies the causal mask itself "
@@ -473,9 +475,9 @@ def translate(recipe: Recipe, target: str = "native",
 
     # ---- provenance
     if plugin:
-        f.add("--megacpp-recipe", recipe.source or recipe.name, source="(the recipe file)",
+        f.add(RECIPE_FLAGS["source"], recipe.source or recipe.name, source="(the recipe file)",
               reason="provenance for the receipt; the flags are authoritative")
-        f.add("--megacpp-recipe-hash", recipe.recipe_hash, source="(the resolved recipe)",
+        f.add(RECIPE_FLAGS["recipe_hash"], recipe.recipe_hash, source="(the resolved recipe)",
               reason="sha256 of the resolved recipe, overrides included")
 
     # ---- non-native choices, visible
