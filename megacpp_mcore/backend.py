@@ -20,6 +20,7 @@ import torch
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.layout import FAMILIES, Layout
 from megacpp_mcore.ops.m2rnn.checks import fused_head_dims_problem
+from megacpp_mcore.supported import MEGATRON_CORE
 
 BACKENDS = ("auto", "te", "local")
 
@@ -169,7 +170,8 @@ def resolve_backend(
     if layout.mtp and not cuda:
         raise SpecError(
             f"multi-token prediction ({layout.mtp_depth} MTP depth(s) of {layout.mtp[0]!r}) "
-            "needs CUDA: Megatron-Core 0.19.2's MTP loss tracking allocates its buffers on "
+            f"needs CUDA: Megatron-Core {MEGATRON_CORE}'s MTP loss tracking allocates its "
+            "buffers on "
             "the GPU. Drop the '/' parts of the pattern to build on this machine.")
     letters = [letter for letter in FAMILIES if layout.has(letter)]
     families: dict[str, FamilyBuild] = {}
@@ -181,7 +183,7 @@ def resolve_backend(
             if latent and not cuda:
                 raise SpecError(
                     f"A layers with {' and '.join(latent)} attention need CUDA: Megatron-Core "
-                    "0.19.2's MLASelfAttention builds its rotary embedding on "
+                    f"{MEGATRON_CORE}'s MLASelfAttention builds its rotary embedding on "
                     "torch.cuda.current_device() (RotaryEmbedding / YarnRotaryEmbedding), "
                     "and DSA's indexer is a GPU kernel path. Build them on a GPU machine, or "
                     "use model.attention.variant gqa here")

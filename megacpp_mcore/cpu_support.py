@@ -1,4 +1,5 @@
-"""What running Megatron-Core 0.19.2 models on a CPU needs, in one place.
+"""What running Megatron-Core models (the supported release, ``supported.MEGATRON_CORE``) on a
+CPU needs, in one place.
 
 Megatron builds and runs its models on CPU over gloo, but assumes CUDA in a few places.
 Each assumption and how this project meets it:

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "megacpp_mcore"
 
 LAYERS = [
-    {"errors", "paths", "jsonio"},
+    {"errors", "paths", "jsonio", "supported"},
     {"layout"},
     {"symbols", "settings"},
     {"plan"},

@@ -55,3 +55,18 @@ def test_without_workaround_make_fails():
     folder = os.path.dirname(dataset_utils.__file__)
     result = subprocess.run(["make", "-C", folder], capture_output=True, check=False)
     assert result.returncode != 0
+
+
+def test_the_supported_megatron_core_is_the_installed_and_pinned_one():
+    """``supported.MEGATRON_CORE`` names the release every seam and message describes: it is
+    the one installed here and inside pyproject's pin."""
+    import re
+    from pathlib import Path
+
+    from megacpp_mcore.supported import MEGATRON_CORE
+
+    # (megatron-core appends the current git commit of the working folder as a local version)
+    assert compat.megatron_core_version().partition("+")[0] == MEGATRON_CORE
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pin = re.search(r'"megatron-core==([0-9.*]+)"', pyproject).group(1)
+    assert MEGATRON_CORE.startswith(pin.rstrip("*"))

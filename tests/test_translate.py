@@ -1,4 +1,4 @@
-"""Translation: Megatron-LM 0.19.2's own parser accepts what we emit, with the recipe's values.
+"""Translation: Megatron-LM's own parser accepts what we emit, with the recipe's values.
 
 Megatron's ``parse_and_validate_args`` runs in-process on this CPU machine, simulating the GPU
 machine the flags are meant for: a Hopper device where Megatron asks for one (its TP/CP check
@@ -34,6 +34,7 @@ from megacpp_mcore.model import ACTIVATIONS
 from megacpp_mcore.plan import parse_plan, plan_layers
 from megacpp_mcore.settings.recipe import known_recipes, load_recipe
 from megacpp_mcore.settings.table import FIXED, SETTINGS
+from megacpp_mcore.supported import MEGATRON_CORE
 from megacpp_mcore.symbols import decode_symbol
 from tests.megatron_helpers import megatron_parse
 
@@ -346,7 +347,7 @@ def test_plan_records_every_choice():
     plan = translate(load_recipe("nam56r_lite"), "plugin")
     data = plan.to_json()
     assert data["recipe"]["name"] == "nam56r_lite" and len(data["recipe"]["hash"]) == 64
-    assert data["target"] == "plugin" and data["megatron_version"] == "0.19.2"
+    assert data["target"] == "plugin" and data["megatron_version"] == MEGATRON_CORE
     assert data["spec"] == list(SPEC) and data["encoding"] == {"R": "G"}
     assert data["mtp_depths"] == 0 and data["pattern"]["depth"] == 52
     roles = data["roles"]
@@ -479,7 +480,7 @@ def test_cli_shell_script_is_valid_bash(capsys, tmp_path, name, target):
 
 
 def test_nam56r_native_refuses_mamba3_naming_the_way_out():
-    """Stock Megatron-LM 0.19.2 has no Mamba-3: the seed's M is refused, never remapped."""
+    """Stock Megatron-LM has no Mamba-3: the seed's M is refused, never remapped."""
     with pytest.raises(TranslateError) as info:
         translate(load_recipe("nam56r", ["r_lowering=M", "model.moe.permute_fusion=false"]),
                   "native")

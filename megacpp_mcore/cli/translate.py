@@ -8,6 +8,7 @@ import json
 from megacpp_mcore.cli.recipe import add_set_argument
 from megacpp_mcore.megatron.translate import FORMATS, TARGETS, translate
 from megacpp_mcore.settings.recipe import load_recipe
+from megacpp_mcore.supported import MEGATRON_CORE
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
@@ -29,7 +30,8 @@ def add_translate_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "translate",
         help="translate a recipe into Megatron-LM flags (native or plugin)",
-        description="Lower a recipe into Megatron-LM 0.19.2 flags. --target native emits only "
+        description=f"Lower a recipe into Megatron-LM {MEGATRON_CORE} flags. --target native "
+        "emits only "
         "flags stock Megatron parses and builds with its own hybrid_stack_spec (R layers are "
         "refused unless the recipe sets r_lowering, and so is any setting that needs the "
         "plugin, such as data.source embedded); --target plugin adds --spec "

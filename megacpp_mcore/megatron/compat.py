@@ -26,7 +26,7 @@ def dataset_makefile_missing() -> bool:
 
 
 def use_shipped_dataset_helpers() -> bool:
-    """Defect: the megatron-core 0.19.2 wheel ships the built ``helpers_cpp`` extension but
+    """Defect: the megatron-core 0.19 wheels ship the built ``helpers_cpp`` extension but
     no Makefile, and ``initialize_megatron`` runs ``make -C megatron/core/datasets`` on rank 0
     (``compile_helpers``), which fails and calls ``sys.exit(1)``.
 

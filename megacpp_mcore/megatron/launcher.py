@@ -1,7 +1,7 @@
 """The GPU training path: Megatron-LM's own ``pretrain`` with this plugin's model and receipts.
 
 ``scripts/pretrain_nam.py`` runs :func:`main` under torchrun with the flags of
-``megacpp translate --target plugin``. The flow is Megatron's (megatron-core 0.19.2):
+``megacpp translate --target plugin``. The flow is Megatron's (the supported megatron-core):
 ``parse_and_validate_args`` with the plugin's ``extra_args_provider``,
 ``hybrid_config_from_args`` (whose ``--spec`` is the plugin's stack spec, so Megatron's own
 HybridModel builder builds every layer through this project's specs), then

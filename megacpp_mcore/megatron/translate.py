@@ -3,9 +3,10 @@
 Two targets:
 
 ``native``
-    Only what stock Megatron-LM 0.19.2 builds with its own ``hybrid_stack_spec``: the layout
-    as ``--hybrid-layer-pattern`` (A -> ``*``, E -> ``E``, M -> ``M``, F -> ``-``,
-    G -> ``G``; ``|`` stages and ``/`` MTP parts kept) and every model, MoE, Mamba, GDN,
+    Only what stock Megatron-LM (the supported release) builds with its own
+    ``hybrid_stack_spec``: the layout as ``--hybrid-layer-pattern`` (A -> ``*``, E -> ``E``,
+    M -> ``M``, F -> ``-``, G -> ``G``; ``|`` stages and ``/`` MTP parts kept) and every model,
+    MoE, Mamba, GDN,
     parallel, precision and schedule flag the recipe implies. It fails closed: R layers are
     refused unless the recipe lowers them explicitly (``r_lowering``), ``backend: local`` is
     refused (the stock hybrid spec is Transformer-Engine-only), and so is any setting stock
@@ -39,6 +40,7 @@ from megacpp_mcore.settings.recipe import Recipe
 from megacpp_mcore.settings.rules import BYTE_VOCAB_SIZE
 from megacpp_mcore.settings.sizes import plugin_problems
 from megacpp_mcore.settings.table import FIXED, PLUGIN_FLAG_PREFIX, RECIPE_ROWS, SETTINGS
+from megacpp_mcore.supported import MEGATRON_CORE
 from megacpp_mcore.symbols import (
     NATIVE_SYMBOLS,
     PLUGIN_R_SYMBOL,
@@ -46,7 +48,7 @@ from megacpp_mcore.symbols import (
     VARIANT_SYMBOLS,
 )
 
-MEGATRON_VERSION = "0.19.2"
+MEGATRON_VERSION = MEGATRON_CORE
 TARGETS = ("native", "plugin")
 FORMATS = ("args", "shell", "json")
 #: recipe key -> the plugin flag of the recipe's top level / provenance (settings.table)

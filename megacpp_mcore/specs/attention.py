@@ -40,9 +40,10 @@ from megatron.core.transformer.transformer_layer import (
 
 from megacpp_mcore.errors import SpecError
 from megacpp_mcore.specs.providers import is_transformer_engine, norm_and_column_linear
+from megacpp_mcore.supported import MEGATRON_CORE
 
 DSA_NEEDS_TE = (
-    "attention variant dsa needs backend te: Megatron-Core 0.19.2 builds DSA "
+    f"attention variant dsa needs backend te: Megatron-Core {MEGATRON_CORE} builds DSA "
     "(AbsorbedMLASelfAttention + DSAttention) only in its Transformer Engine hybrid spec, "
     "and its indexer kernels need CUDA; use backend te on a GPU machine, or mla/gqa here")
 

@@ -10,9 +10,10 @@ the final norm follows the backend.
 ``build_stack_spec(layer_plan, model, plan)`` gives a ``ModuleSpec`` to pass to
 ``HybridModel(..., hybrid_stack_spec=...)`` with ``layer_plan.megatron_pattern``. Megatron's
 ``--spec`` seam (``megacpp_mcore.megatron.spec_seam``) builds it from Megatron's parsed args.
-What upstream's ``HybridStack.__init__`` does besides picking layers (megatron-core 0.19.2;
-``tests/test_specs.py`` pins its source, and ``_fuse_mla_down_proj``'s, by hash so that an
-upgrade asks for this list to be re-checked), and what this constructor decided for each:
+What upstream's ``HybridStack.__init__`` does besides picking layers (in the supported
+megatron-core, ``supported.MEGATRON_CORE``; ``tests/test_specs.py`` pins its source, and
+``_fuse_mla_down_proj``'s, by hash so that an upgrade asks for this list to be re-checked), and
+what this constructor decided for each:
 
 - FP8/FP4 quantised init: ported. Each layer is built inside
   ``get_fp8_context(config, i + pp_layer_offset, is_init=True)`` when ``config.fp8`` (else

@@ -4,7 +4,7 @@ Tokenizer
     :class:`ByteTokenizer` maps text to its UTF-8 bytes, one token per byte: ids ``0..255``
     are the byte values and id ``256`` (:data:`EOD_ID`) is the end-of-document token, so
     ``vocab_size`` is 257. There is no padding token (``pad == -1``, Megatron's "none").
-    This is exactly Megatron-Core 0.19.2's ``NullTokenizer`` convention (``eod = vocab_size -
+    This is exactly Megatron-Core's ``NullTokenizer`` convention (``eod = vocab_size -
     1``, ``pad = -1``), so Megatron's pretrain path needs no tokenizer of ours::
 
         --tokenizer-type NullTokenizer --vocab-size 257 --null-tokenizer-eod-id 256

@@ -9,7 +9,7 @@ Conventions (the same for every family):
 - Causal attention is halved: ``QK^T`` and ``softmax(QK^T) V`` each cost ``2 * s * nq * d``
   per token over a full ``s x s`` score matrix, and only the lower triangle is needed, so
   the core counts ``2 * 2 * s * nq * d / 2 = 2 * s * nq * d`` per token (forward). This is
-  also what Megatron-Core 0.19.2 counts (``transformer_flops``: "/ 2 causal mask";
+  also what Megatron-Core counts (``transformer_flops``: "/ 2 causal mask";
   ``hybrid_flops``: "causal mask -> /2 cancels with FMA *2").
 - Weight matmuls are counted; norms, biases, activations, softmax, rotary embeddings,
   residual adds, gating nonlinearities, the Mamba D-skip and gated RMSNorm are elementwise
@@ -59,7 +59,7 @@ G  Gated DeltaNet (Megatron's ``GatedDeltaNet``; Hk key heads of dim Dk, Hv valu
 MTP: each multi-token-prediction depth adds its part's layers, the projection of the
 concatenated [embedding, hidden] 2*(2h)*h, and its own output layer 2*h*vocab.
 
-Known differences from Megatron-Core 0.19.2's ``num_floating_point_operations`` (checked
+Known differences from Megatron-Core's ``num_floating_point_operations`` (checked
 in tests/test_flops.py): for A and F layers it is identical; Megatron does not count the MoE
 router, the Mamba conv, and counts the Mamba scan as ``7 * d_in * N`` with ``d_in = 2h``
 fixed (we count ``6 * d_inner * N`` with the configured heads); its hybrid formula leaves
