@@ -225,7 +225,6 @@ def test_embedded_corpus_is_this_repository_only():
             "megacpp_mcore",
             "patterns",
             "recipes",
-            "docs",
         }, r
         assert ".venv" not in r and "site-packages" not in r and "__pycache__" not in r
     assert len(set(rel)) == len(rel)

@@ -68,7 +68,7 @@ def add_data_subcommand(sub) -> None:
         "Megatron indexed dataset written with Megatron's IndexedDatasetBuilder, plus a "
         "PREFIX.json summary. Directories are walked for "
         + ", ".join(TEXT_SUFFIXES)
-        + " (hidden folders skipped). --embedded adds this project's own sources and docs; "
+        + " (hidden folders skipped). --embedded adds this project's own sources and README; "
         "with --embedded alone (no -o) the corpus is prepared once into "
         "runs/data/embedded_<hash>/ and reused while its content hash matches. Bad input "
         "(missing or non-UTF-8 files, an empty corpus, an unwritable folder) exits 2.",

@@ -22,7 +22,7 @@ Datasets
     Pass the prefix to Megatron as ``--data-path PREFIX``.
 
 Embedded corpus
-    :func:`embedded_corpus_files` collects this project's own sources and docs (never
+    :func:`embedded_corpus_files` collects this project's own sources and README (never
     third-party text); :func:`prepare_embedded` tokenizes them once into
     ``runs/data/embedded_<hash>`` and reuses that folder while the content hash matches.
 
@@ -401,12 +401,11 @@ EMBEDDED_GLOBS: tuple[tuple[str, str], ...] = (
     ("megacpp_mcore", "**/*.py"),
     ("patterns", "*.yaml"),
     ("recipes", "*.yaml"),
-    ("docs", "**/*.md"),
 )
 
 
 def embedded_corpus_files(root: Path = REPO_ROOT) -> list[Path]:
-    """This project's own text: package sources, README, pattern families, recipes, docs.
+    """This project's own text: package sources, README, pattern families, recipes.
 
     Collected at run time from the checkout (``megacpp_mcore.paths.REPO_ROOT``); only files
     inside ``root`` (symlinks leading out are dropped), never a virtual environment or
