@@ -196,6 +196,11 @@ def parse_plan(text: str, target: str = "plugin") -> ModelPlan:
                    for x in layout.layers)
     mtp = tuple(_layer(x.number, x.letter, next(chosen), x.stage, x.mtp_part, target)
                 for x in layout.mtp_layers)
+    parts = {k: [x.token for x in mtp if x.mtp_part == k] for k in range(1, layout.mtp_depth + 1)}
+    if any(tokens != parts[1] for tokens in parts.values()):
+        raise SpecError(f"--megacpp-plan {text!r}: the multi-token-prediction parts differ "
+                        f"({' / '.join(' '.join(t) for t in parts.values())}); Megatron builds "
+                        "every MTP depth from one part, so they must be identical")
     return ModelPlan(layout=layout, layers=layers, mtp_layers=mtp, target=target)
 
 

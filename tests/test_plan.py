@@ -54,6 +54,7 @@ def test_paths_and_stages():
     ("E:moe", "token 1 'E:moe'"),
     ("", "empty pattern"),
     ("A:gqa | | E", "empty"),
+    ("A:gqa E / A:mla F / A:gqa F", "multi-token-prediction parts differ"),
 ])
 def test_a_bad_plan_flag_says_which_token(text, why):
     with pytest.raises(SpecError, match=why):
