@@ -63,6 +63,7 @@ def transformer_config(
     parallel: ParallelConfig,
     plan: BackendPlan,
     overrides: Mapping[str, Any] | None = None,
+    layer_plan: ModelPlan | None = None,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for these settings, from the settings table.
 
@@ -71,7 +72,9 @@ def transformer_config(
     the table's fixed fields (fusions and the like, GPU-only kernels off on CPU): the same
     values Megatron's launcher derives from the translated flags. ``overrides`` sets stock
     ``TransformerConfig`` fields the settings do not cover (the benchmark's tuned runs, e.g.
-    ``moe_router_fusion``); they win over the above.
+    ``moe_router_fusion``); they win over the above. ``layer_plan`` is the per-layer plan
+    (resolved from ``layout`` and ``model`` if not given): it says whether the model builds
+    MLA/DSA.
     """
     root = SimpleNamespace(model=model, precision=precision, parallel=parallel, layout=layout,
                            lowered_layout=layout)
@@ -95,7 +98,7 @@ def transformer_config(
     # MLA/DSA positions: Megatron's MLATransformerConfig (one per model); the sizes came from
     # the table's model.attention.* rows above. DSA's Hadamard rotation is the machine's
     # decision (the backend plan), not a setting's value.
-    latent = plan_layers(layout, model).latent
+    latent = (layer_plan or plan_layers(layout, model)).latent
     if "dsa" in latent:
         kwargs["dsa_indexer_rotate_activation"] = plan.dsa_rotate
     kwargs.update(overrides or {})
@@ -188,7 +191,8 @@ def build_model(
     layer_plan = plan_layers(layout, model)
     plan = plan or model_backend(backend, layout, model, layer_plan=layer_plan)
     layer_plan = layer_plan.with_paths(plan.paths())
-    config = transformer_config(layout, model, precision, parallel, plan, overrides)
+    config = transformer_config(layout, model, precision, parallel, plan, overrides,
+                                layer_plan=layer_plan)
     pp_first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     hybrid = HybridModel(

@@ -144,15 +144,15 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
 class RunTracker:
     """Per-process training telemetry; rank 0 of the last pipeline stage writes the receipt."""
 
-    def __init__(self, args, hooks: HookList | None = None) -> None:
+    def __init__(self, args, hooks: HookList | None = None, stack_spec=None) -> None:
         from megacpp_mcore.plan import parse_plan
 
         self.args = args
         #: the per-layer plan the flags carry (None: not the plugin's stack)
         self.layer_plan = parse_plan(args.megacpp_plan) if args.megacpp_plan else None
         self.layout = self.layer_plan.layout if self.layer_plan else None
-        #: the stack spec the model is built from (main() sets it; else Megatron's --spec)
-        self.stack_spec = None
+        #: the stack spec the model is built from (None: Megatron's --spec object's)
+        self.stack_spec = stack_spec
         self.meter: IntervalMeter | None = None
         self.writer = False
         self.hooks = hooks if hooks is not None else HookList()
@@ -488,8 +488,7 @@ def main() -> int:
         model_config.hybrid_stack_spec = stack_spec_from_args(args)
     config = pretrain_cfg_container_from_args(args, model_config)
 
-    TRACKER = RunTracker(args, hooks_from_args(args))
-    TRACKER.stack_spec = model_config.hybrid_stack_spec
+    TRACKER = RunTracker(args, hooks_from_args(args), model_config.hybrid_stack_spec)
     status = "completed"
     try:
         with sigterm_raises():  # torchrun passes SIGTERM on to every rank

@@ -6,11 +6,10 @@ Two targets:
     Only what stock Megatron-LM (the supported release) builds with its own
     ``hybrid_stack_spec``: the layout as ``--hybrid-layer-pattern`` (A -> ``*``, E -> ``E``,
     M -> ``M``, F -> ``-``, G -> ``G``; ``|`` stages and ``/`` MTP parts kept) and every model,
-    MoE, Mamba, GDN,
-    parallel, precision and schedule flag the recipe implies. It fails closed: R layers are
-    refused unless the recipe lowers them explicitly (``r_lowering``), ``backend: local`` is
-    refused (the stock hybrid spec is Transformer-Engine-only), and so is any setting stock
-    Megatron cannot express.
+    MoE, Mamba, GDN, parallel, precision and schedule flag the recipe implies. It fails
+    closed: R layers are refused unless the recipe lowers them explicitly (``r_lowering``),
+    ``backend: local`` is refused (the stock hybrid spec is Transformer-Engine-only), and so
+    is any setting stock Megatron cannot express.
 ``plugin``
     The same flags, plus ``--spec megacpp_mcore.megatron.spec_seam megacpp_stack_spec`` and the
     plugin's own flags (:mod:`megacpp_mcore.megatron.args`), so every layer, R included, is

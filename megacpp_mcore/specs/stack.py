@@ -73,9 +73,8 @@ class MegacppStackSubmodules(HybridStackSubmodules):
     final_norm: Any = LocalNorm
 
 
-
 class MegacppHybridStack(HybridStack):
-    """Megatron's HybridStack, built from the layout's letters (R included)."""
+    """Megatron's HybridStack, each layer built from its per-layer plan (R included)."""
 
     def __init__(
         self,

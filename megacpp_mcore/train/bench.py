@@ -607,9 +607,7 @@ class Bench:
         plan = resolve_backend("local", spec.layout, moe_dispatcher=self.model.moe.token_dispatcher)
         model = build_native(spec.layout, self.model, self.precision,
                              overrides={**spec.overrides, "use_cpu_initialization": True},
-                             stack_spec=build_stack_spec(
-                                 plan_layers(spec.layout, self.model).with_paths(plan.paths()),
-                                 self.model, plan))
+                             stack_spec=build_stack_spec(spec.layout, self.model, plan))
         return adapt_model_for_cpu(model)
 
     def runner(self, spec: Spec, model: torch.nn.Module) -> StepRunner:
